@@ -1,0 +1,242 @@
+//! Wires the stages for the embedded default: `serve` runs ingress, normalizer and projector
+//! in one process over SQLite files in the data folder; `rebuild` replays the events log into
+//! a fresh projection generation and switches to it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::config::ServeConfig;
+use crate::event::DeliveryEvent;
+use crate::ingress::{self, ratelimit::Limiter, AppState};
+use crate::log::sqlite::SqliteLog;
+use crate::log::{EventLog, Offset, Record};
+use crate::projection::sqlite::SqliteProjections;
+use crate::projection::ProjectionStore;
+use crate::providers::{registry, ProviderSettings};
+use crate::shutdown::{self, Trigger};
+use crate::stages::{normalizer::Normalizer, projector};
+use crate::tenants::{SqliteTenantStore, TenantDirectory, TenantsFile};
+
+/// A running server; dropping it does not stop it: call [`Running::stop`].
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    trigger: Trigger,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Graceful stop: readiness off, stop accepting, finish in-flight requests, stop stages.
+    pub async fn stop(self) {
+        self.state.ready.store(false, Ordering::Relaxed);
+        self.trigger.fire();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+pub fn provider_settings(cfg: &ServeConfig) -> ProviderSettings {
+    ProviderSettings {
+        timestamp_tolerance: Duration::from_secs(cfg.timestamp_tolerance_secs),
+    }
+}
+
+/// Starts everything and returns once the server accepts connections.
+pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("cannot create data folder {}", cfg.data_dir.display()))?;
+    let log = SqliteLog::open(
+        &cfg.data_dir.join("log.db"),
+        Duration::from_millis(cfg.append_timeout_ms),
+    )
+    .context("opening the event log")?;
+    let projections: Arc<dyn ProjectionStore> = Arc::new(
+        SqliteProjections::open(&cfg.data_dir.join("projections.db"))
+            .context("opening projections")?,
+    );
+    let providers = registry(&provider_settings(&cfg));
+    let file = match cfg.tenants_path() {
+        Some(p) => {
+            tracing::info!(path = %p.display(), "loading tenants file");
+            Some(TenantsFile::load(&p)?)
+        }
+        None => None,
+    };
+    let tenant_store = Arc::new(SqliteTenantStore::open(&cfg.data_dir.join("tenants.db"))?);
+    let tenants = Arc::new(TenantDirectory::open(tenant_store, providers.clone(), file).await?);
+    if tenants.snapshot().is_empty() {
+        tracing::warn!("no tenants configured: every webhook will be refused (401) until one is added (tenants file or admin API)");
+    }
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+
+    let limiter = Limiter::new(
+        NonZeroU32::new(cfg.rate_limit_per_second).context("rate_limit_per_second")?,
+        NonZeroU32::new(cfg.rate_limit_burst).context("rate_limit_burst")?,
+    );
+    let state = Arc::new(AppState {
+        providers: providers
+            .iter()
+            .map(|p| (p.name(), p.clone()))
+            .collect::<HashMap<_, _>>(),
+        tenants,
+        envelopes: Arc::new(log.clone()),
+        events: Arc::new(log.clone()),
+        dead_letters: Arc::new(log.clone()),
+        projections: projections.clone(),
+        limiter,
+        admin_token: cfg.admin_token.clone(),
+        max_body_bytes: cfg.max_body_bytes,
+        ready: false.into(),
+    });
+
+    let (trigger, shutdown) = shutdown::channel();
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(ingress::serve(
+        listener,
+        state.clone(),
+        shutdown.clone(),
+        Duration::from_secs(cfg.shutdown_grace_secs),
+    )));
+    tasks.push(tokio::spawn(Normalizer::new(&providers).run(
+        Arc::new(log.clone()),
+        cfg.normalizer_batch,
+        shutdown.clone(),
+    )));
+    tasks.push(tokio::spawn(projector::run(
+        Arc::new(log.clone()),
+        projections,
+        cfg.projector_batch,
+        shutdown.clone(),
+    )));
+    {
+        let (state, mut shutdown) = (state.clone(), shutdown.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(60)) => state.limiter.prune(),
+                    _ = shutdown.wait() => return,
+                }
+            }
+        }));
+    }
+    state.ready.store(true, Ordering::Relaxed);
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "xsender-events serving");
+    Ok(Running {
+        addr,
+        state,
+        trigger,
+        tasks,
+    })
+}
+
+/// Where a rebuild starts replaying.
+#[derive(Debug, Clone, Copy)]
+pub enum RebuildFrom {
+    Start,
+    Offset(Offset),
+    /// The first event logged at or after this time (ms).
+    Time(i64),
+}
+
+#[derive(Debug)]
+pub struct RebuildReport {
+    pub generation: i64,
+    pub start: Offset,
+    pub events: u64,
+    pub dropped: Vec<i64>,
+    pub elapsed: Duration,
+}
+
+/// Replays the events log into a fresh generation, then switches readers and the live
+/// projector to it. Safe while `serve` runs on the same data folder.
+pub async fn rebuild(
+    data_dir: &std::path::Path,
+    from: RebuildFrom,
+    drop_old: bool,
+    progress: bool,
+) -> anyhow::Result<RebuildReport> {
+    let log = SqliteLog::open(&data_dir.join("log.db"), Duration::from_secs(10))
+        .context("opening the event log")?;
+    let store =
+        SqliteProjections::open(&data_dir.join("projections.db")).context("opening projections")?;
+    let started = Instant::now();
+    let start = match from {
+        RebuildFrom::Start => 1,
+        RebuildFrom::Offset(o) => o.max(1),
+        RebuildFrom::Time(t) => log.offset_at(t).await?,
+    };
+    let head = log.head().await?;
+    let generation = store.create_generation(start).await?;
+    let mut cp = start - 1;
+    let mut events = 0u64;
+    let mut last_report = Instant::now();
+    let total = (head - cp).max(0) as u64;
+    loop {
+        let batch = log.read_events(cp, 5000).await?;
+        let Some(last) = batch.last().map(|r| r.offset) else {
+            break;
+        };
+        events += batch.len() as u64;
+        store.apply_to(generation, batch).await?;
+        cp = last;
+        if progress && last_report.elapsed() >= Duration::from_secs(1) {
+            last_report = Instant::now();
+            let rate = events as f64 / started.elapsed().as_secs_f64();
+            let left = total.saturating_sub(events) as f64 / rate.max(1.0);
+            eprintln!(
+                "rebuild: {events}/{total} events ({:.0}%), {rate:.0} events/s, ETA {left:.0}s",
+                100.0 * events as f64 / total.max(1) as f64
+            );
+        }
+    }
+    // The final catch-up runs under the store's write lock, reading the log synchronously.
+    let conn = Mutex::new(
+        rusqlite::Connection::open(log.path()).context("opening the event log for the switch")?,
+    );
+    let tail = move |after: Offset, max: usize| -> Result<Vec<Record<DeliveryEvent>>, String> {
+        let c = conn.lock().map_err(|e| e.to_string())?;
+        let mut st = c
+            .prepare_cached("SELECT seq, record FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
+            .map_err(|e| e.to_string())?;
+        let rows = st
+            .query_map(rusqlite::params![after, max as i64], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .map_err(|e| e.to_string())?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (offset, bytes) = row.map_err(|e| e.to_string())?;
+            out.push(Record {
+                offset,
+                value: crate::avro::decode_event(&bytes).map_err(|e| e.to_string())?,
+            });
+        }
+        Ok(out)
+    };
+    store.switch_to(generation, Box::new(tail)).await?;
+    let dropped = if drop_old {
+        store.drop_old().await?
+    } else {
+        Vec::new()
+    };
+    Ok(RebuildReport {
+        generation,
+        start,
+        events,
+        dropped,
+        elapsed: started.elapsed(),
+    })
+}

@@ -1,0 +1,208 @@
+//! The `xsender-events` command: `serve`, `rebuild`, `check-tenants`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use xsender_events::app::{self, RebuildFrom};
+use xsender_events::config::ServeConfig;
+use xsender_events::secret::Secret;
+
+#[derive(Parser)]
+#[command(
+    name = "xsender-events",
+    version,
+    about = "Email delivery events for XSender: verified ESP webhooks in, Campaign Dispatch projections out"
+)]
+struct Cli {
+    /// Log as JSON lines instead of text.
+    #[arg(long, global = true, env = "XSENDER_LOG_JSON")]
+    log_json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run ingress, normalizer and projector on the embedded default (SQLite in the data folder).
+    Serve(ServeArgs),
+    /// Replay the events log into fresh projection tables and switch to them (safe while serving).
+    Rebuild(RebuildArgs),
+    /// Validate a tenants file and print what it configures (no secrets).
+    CheckTenants {
+        /// The TOML file to check.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML file with any `serve` settings (see README); flags and env override it.
+    #[arg(long, env = "XSENDER_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data folder [default: ./data].
+    #[arg(long, env = "XSENDER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Listen address [default: 0.0.0.0:8080].
+    #[arg(long, env = "XSENDER_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Tenants file [default: ./tenants.toml if present].
+    #[arg(long, env = "XSENDER_TENANTS")]
+    tenants: Option<PathBuf>,
+    /// Admin API token (at least 16 characters); the admin API is off without it.
+    #[arg(long, env = "XSENDER_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Largest webhook body in bytes [default: 16 MiB].
+    #[arg(long, env = "XSENDER_MAX_BODY_BYTES")]
+    max_body_bytes: Option<usize>,
+    /// Allowed clock distance of signed timestamps, seconds [default: 600].
+    #[arg(long, env = "XSENDER_TIMESTAMP_TOLERANCE_SECS")]
+    timestamp_tolerance_secs: Option<u64>,
+}
+
+#[derive(Args)]
+struct RebuildArgs {
+    /// Data folder [default: ./data].
+    #[arg(long, env = "XSENDER_DATA_DIR", default_value = "data")]
+    data_dir: PathBuf,
+    /// Replay from this event offset instead of the start.
+    #[arg(long, conflicts_with = "from_time")]
+    from_offset: Option<i64>,
+    /// Replay from the first event logged at or after this time (RFC 3339 or Unix seconds).
+    #[arg(long)]
+    from_time: Option<String>,
+    /// Drop the old generations' tables after switching.
+    #[arg(long)]
+    drop_old: bool,
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut cfg = match &args.config {
+        Some(p) => ServeConfig::load(p)?,
+        None => ServeConfig::default(),
+    };
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if let Some(v) = args.listen {
+        cfg.listen = v;
+    }
+    if let Some(v) = args.tenants {
+        cfg.tenants_file = Some(v);
+    }
+    if let Some(v) = args.admin_token {
+        cfg.admin_token = Some(Secret::new(v));
+    }
+    if let Some(v) = args.max_body_bytes {
+        cfg.max_body_bytes = v;
+    }
+    if let Some(v) = args.timestamp_tolerance_secs {
+        cfg.timestamp_tolerance_secs = v;
+    }
+    let running = app::start(cfg).await?;
+    // Tests and scripts read this line to learn the bound port.
+    eprintln!("listening on http://{}", running.addr);
+    wait_for_signal().await;
+    tracing::info!("shutting down");
+    running.stop().await;
+    Ok(())
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
+    let from = match (args.from_offset, args.from_time) {
+        (Some(o), _) => RebuildFrom::Offset(o),
+        (None, Some(t)) => RebuildFrom::Time(
+            xsender_events::ingress::http::parse_time(&t).map_err(anyhow::Error::msg)?,
+        ),
+        (None, None) => RebuildFrom::Start,
+    };
+    if !args.data_dir.join("log.db").exists() {
+        anyhow::bail!(
+            "no event log at {}: pass --data-dir of a folder `serve` has used",
+            args.data_dir.join("log.db").display()
+        );
+    }
+    let r = app::rebuild(&args.data_dir, from, args.drop_old, true).await?;
+    eprintln!(
+        "rebuilt generation {} from offset {}: {} events in {:.2?}{}",
+        r.generation,
+        r.start,
+        r.events,
+        r.elapsed,
+        if r.dropped.is_empty() {
+            String::new()
+        } else {
+            format!("; dropped generations {:?}", r.dropped)
+        }
+    );
+    Ok(())
+}
+
+fn check_tenants(file: PathBuf) -> anyhow::Result<()> {
+    let parsed = xsender_events::tenants::TenantsFile::load(&file)?;
+    let providers = xsender_events::providers::registry(&Default::default());
+    for (id, cfg) in parsed.tenants {
+        let t = xsender_events::tenants::Tenant::prepare(&id, cfg, &providers)?;
+        println!(
+            "{id}: providers [{}], api token {}",
+            t.provider_names().collect::<Vec<_>>().join(", "),
+            if t.config.api_token.is_some() {
+                "set"
+            } else {
+                "not set"
+            }
+        );
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_json);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        match cli.command {
+            Command::Serve(a) => serve(a).await,
+            Command::Rebuild(a) => rebuild(a).await,
+            Command::CheckTenants { file } => check_tenants(file),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

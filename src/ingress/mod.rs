@@ -1,0 +1,134 @@
+//! Ingress: the HTTP face of the pipeline (hyper 1.x). Webhooks are verified over their raw
+//! bytes and appended to the log before any 2xx; the read and admin APIs sit behind a
+//! per-client rate limiter (webhook routes are exempt: ESPs burst and must never be throttled).
+
+pub mod admin;
+pub mod api;
+pub mod http;
+pub mod ratelimit;
+pub mod webhook;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Method, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+use crate::log::{DeadLetterLog, EnvelopeLog, EventLog};
+use crate::projection::ProjectionStore;
+use crate::providers::Provider;
+use crate::secret::Secret;
+use crate::shutdown::Shutdown;
+use crate::tenants::TenantDirectory;
+use http::Resp;
+
+/// Everything a request handler needs.
+pub struct AppState {
+    pub providers: HashMap<&'static str, Arc<dyn Provider>>,
+    pub tenants: Arc<TenantDirectory>,
+    pub envelopes: Arc<dyn EnvelopeLog>,
+    pub events: Arc<dyn EventLog>,
+    pub dead_letters: Arc<dyn DeadLetterLog>,
+    pub projections: Arc<dyn ProjectionStore>,
+    pub limiter: ratelimit::Limiter,
+    pub admin_token: Option<Secret>,
+    pub max_body_bytes: usize,
+    /// False until the stages run, and again from the moment shutdown starts.
+    pub ready: AtomicBool,
+}
+
+/// Routes one request.
+pub async fn handle(state: Arc<AppState>, peer: SocketAddr, req: Request<Incoming>) -> Resp {
+    let path = req.uri().path().to_string();
+    let segs = http::segments(&path);
+    let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    match segs.as_slice() {
+        ["api", "webhook", "email", provider] => webhook::handle(&state, provider, None, req).await,
+        ["api", "webhook", "email", provider, tenant] => webhook::handle(&state, provider, Some(tenant), req).await,
+        ["healthz"] => http::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
+        ["readyz"] => {
+            if state.ready.load(Ordering::Relaxed) {
+                http::json(StatusCode::OK, &serde_json::json!({"status": "ready"}))
+            } else {
+                http::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "starting up or shutting down")
+            }
+        }
+        ["api", "v1", rest @ ..] => match state.limiter.check(peer.ip()) {
+            Err(r) => r,
+            Ok(()) => api::handle(&state, rest, req).await,
+        },
+        ["api", "admin", rest @ ..] => match state.limiter.check(peer.ip()) {
+            Err(r) => r,
+            Ok(()) => admin::handle(&state, rest, req).await,
+        },
+        _ => http::not_found(format!(
+            "no route {} {path}; webhooks are POST /api/webhook/email/{{provider}}, the read API is under /api/v1/",
+            req.method()
+        )),
+    }
+}
+
+/// Serves until shutdown, then stops accepting, lets in-flight requests finish (bounded by
+/// `drain`), and returns.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<AppState>,
+    mut shutdown: Shutdown,
+    drain: Duration,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut conn_builder = http1::Builder::new();
+    conn_builder.keep_alive(true).max_buf_size(1 << 20);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    // EMFILE and friends: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = shutdown.wait() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let state = state.clone();
+        let svc = service_fn(move |req| {
+            let state = state.clone();
+            async move { Ok::<_, Infallible>(handle(state, peer, req).await) }
+        });
+        let conn = conn_builder.serve_connection(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+        });
+    }
+    state.ready.store(false, Ordering::Relaxed);
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(?drain, "in-flight requests did not finish in time");
+    }
+}
+
+/// The methods a route answers, for 405s.
+pub(crate) fn require(method: &Method, allowed: &Method, allow: &'static str) -> Result<(), Resp> {
+    if method == allowed {
+        Ok(())
+    } else {
+        Err(http::method_not_allowed(allow))
+    }
+}

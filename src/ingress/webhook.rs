@@ -1,0 +1,158 @@
+//! `POST /api/webhook/email/{provider}[/{tenant}]`: check, verify over the raw bytes, append
+//! the envelope durably, and only then answer 2xx. Every refusal says what to fix and writes
+//! nothing; a log that cannot take the write gets 503 so the ESP retries.
+
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::{Method, Request, StatusCode};
+use rand::RngCore;
+
+use super::http::{self, Resp};
+use super::{require, AppState};
+use crate::event::RawEnvelope;
+use crate::providers::{Rejection, WebhookRequest, PLANNED};
+
+pub async fn handle(
+    state: &AppState,
+    provider_name: &str,
+    route_tenant: Option<&str>,
+    req: Request<Incoming>,
+) -> Resp {
+    match accept(state, provider_name, route_tenant, req).await {
+        Ok(r) => r,
+        Err(rej) => {
+            tracing::info!(provider = provider_name, code = rej.code, status = rej.status.as_u16(), reason = %rej.message, "webhook refused");
+            let r = http::error(rej.status, rej.code, rej.message);
+            if rej.status == StatusCode::SERVICE_UNAVAILABLE {
+                http::with_header(r, "retry-after", "5")
+            } else {
+                r
+            }
+        }
+    }
+}
+
+async fn accept(
+    state: &AppState,
+    provider_name: &str,
+    route_tenant: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Resp, Rejection> {
+    let Some(provider) = state.providers.get(provider_name) else {
+        let known: Vec<&str> = state.providers.keys().copied().collect();
+        let msg = if PLANNED.contains(&provider_name) {
+            format!(
+                "the {provider_name} adapter is not available in this version yet (available: {})",
+                known.join(", ")
+            )
+        } else {
+            format!(
+                "unknown provider '{provider_name}' (available: {})",
+                known.join(", ")
+            )
+        };
+        return Err(Rejection::new(
+            StatusCode::NOT_FOUND,
+            "unknown_provider",
+            msg,
+        ));
+    };
+    if let Err(r) = require(req.method(), &Method::POST, "POST") {
+        return Ok(r);
+    }
+    let content_type = req
+        .headers()
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let essence = content_type.as_deref().map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    if !essence
+        .as_deref()
+        .is_some_and(|e| provider.content_types().contains(&e))
+    {
+        return Err(Rejection::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "{} webhooks are {}; got {}",
+                provider.name(),
+                provider.content_types().join(" or "),
+                content_type.as_deref().unwrap_or("no Content-Type")
+            ),
+        ));
+    }
+    let too_large = || {
+        Rejection::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!(
+                "body exceeds the {} byte limit (--max-body-bytes)",
+                state.max_body_bytes
+            ),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > state.max_body_bytes as u64) {
+        return Err(too_large());
+    }
+    let (parts, body) = req.into_parts();
+    let body = match Limited::new(body, state.max_body_bytes).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e)
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some() =>
+        {
+            return Err(too_large())
+        }
+        Err(e) => {
+            return Err(Rejection::malformed(format!(
+                "could not read the request body: {e}"
+            )))
+        }
+    };
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let tenants = state.tenants.snapshot();
+    let wreq = WebhookRequest {
+        headers: &parts.headers,
+        body: &body,
+        route_tenant,
+        now_ms,
+    };
+    let verified = provider.verify(&wreq, &tenants).await?;
+
+    let mut id = [0u8; 16];
+    rand::thread_rng().fill_bytes(&mut id);
+    let envelope = RawEnvelope {
+        id: hex::encode(id),
+        provider: provider.name().to_string(),
+        received_at_ms: now_ms,
+        verified_tenants: verified.tenants,
+        default_tenant: verified.default_tenant,
+        content_type,
+        body: body.to_vec(),
+    };
+    match state.envelopes.append(&envelope).await {
+        Ok(offset) => Ok(http::json(
+            StatusCode::OK,
+            &serde_json::json!({"status": "accepted", "id": envelope.id, "items": verified.items, "offset": offset}),
+        )),
+        Err(e) => {
+            tracing::error!(error = %e, provider = provider.name(), "log append failed; answering 503");
+            Err(Rejection::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "log_unavailable",
+                "the event log cannot take writes right now; nothing was accepted, retry later",
+            ))
+        }
+    }
+}

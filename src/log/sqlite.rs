@@ -1,0 +1,461 @@
+//! The embedded log: one SQLite file (WAL, `synchronous=FULL`). All writes go through one
+//! writer thread that takes every request waiting in its queue into a single transaction, so
+//! concurrent webhook requests share one fsync (group commit). Readers use their own
+//! connections, which WAL lets run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use super::{
+    DeadLetterLog, EnvelopeLog, EventLog, EventQuery, LogError, NormalizedBatch, NormalizerLog,
+    Offset, Record,
+};
+use crate::avro;
+use crate::event::{DeadLetter, DeliveryEvent, RawEnvelope};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS envelopes (seq INTEGER PRIMARY KEY, record BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    message_id TEXT,
+    occurred_at_ms INTEGER NOT NULL,
+    received_at_ms INTEGER NOT NULL,
+    envelope_seq INTEGER NOT NULL,
+    record BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_recipient ON events (tenant, recipient, seq);
+CREATE INDEX IF NOT EXISTS events_by_message ON events (tenant, message_id, seq);
+CREATE INDEX IF NOT EXISTS events_by_received ON events (received_at_ms);
+CREATE TABLE IF NOT EXISTS dead_letters (
+    seq INTEGER PRIMARY KEY,
+    envelope_seq INTEGER NOT NULL,
+    envelope_id TEXT NOT NULL,
+    provider TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL,
+    item TEXT NOT NULL,
+    received_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS checkpoints (stage TEXT PRIMARY KEY, seq INTEGER NOT NULL);
+";
+
+/// How long readers sleep without a wake-up before looking again (other processes may write).
+const POLL: Duration = Duration::from_millis(250);
+/// Most requests folded into one group commit.
+const MAX_GROUP: usize = 2048;
+
+enum Write {
+    Append(Vec<u8>, oneshot::Sender<Result<Offset, LogError>>),
+    Normalized(NormalizedBatch, oneshot::Sender<Result<(), LogError>>),
+}
+
+pub struct SqliteLog {
+    path: PathBuf,
+    writer: mpsc::Sender<Write>,
+    reader: Mutex<Connection>,
+    envelopes_appended: Arc<Notify>,
+    events_appended: Arc<Notify>,
+    append_timeout: Duration,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> LogError {
+    LogError::Unavailable(e.to_string())
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(5))?;
+    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL;")?;
+    Ok(c)
+}
+
+impl SqliteLog {
+    /// Opens (creating if needed) the log at `path`. `append_timeout` bounds how long a webhook
+    /// waits for durability before it is answered 503.
+    pub fn open(path: &Path, append_timeout: Duration) -> Result<Arc<SqliteLog>, LogError> {
+        let conn = connect(path).map_err(unavailable)?;
+        conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        let (tx, rx) = mpsc::channel(16 * 1024);
+        let envelopes_appended = Arc::new(Notify::new());
+        let events_appended = Arc::new(Notify::new());
+        {
+            let (ea, ev) = (envelopes_appended.clone(), events_appended.clone());
+            std::thread::Builder::new()
+                .name("log-writer".into())
+                .spawn(move || writer_loop(conn, rx, ea, ev))
+                .map_err(unavailable)?;
+        }
+        Ok(Arc::new(SqliteLog {
+            path: path.to_path_buf(),
+            writer: tx,
+            reader: Mutex::new(connect(path).map_err(unavailable)?),
+            envelopes_appended,
+            events_appended,
+            append_timeout,
+        }))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs a read on a connection of its own thread; readers never block the async runtime.
+    async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connection) -> Result<T, LogError> + Send + 'static,
+    ) -> Result<T, LogError> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = me.reader.lock().unwrap_or_else(|p| p.into_inner());
+            f(&conn)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+
+    async fn send<T>(
+        &self,
+        w: Write,
+        rx: oneshot::Receiver<Result<T, LogError>>,
+    ) -> Result<T, LogError> {
+        let fut = async {
+            self.writer
+                .send(w)
+                .await
+                .map_err(|_| unavailable("log writer stopped"))?;
+            rx.await.map_err(|_| unavailable("log writer stopped"))?
+        };
+        tokio::time::timeout(self.append_timeout, fut)
+            .await
+            .map_err(|_| {
+                unavailable(format!("no durable write within {:?}", self.append_timeout))
+            })?
+    }
+}
+
+fn writer_loop(
+    mut conn: Connection,
+    mut rx: mpsc::Receiver<Write>,
+    envelopes: Arc<Notify>,
+    events: Arc<Notify>,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(w) => group.push(w),
+                Err(_) => break,
+            }
+        }
+        let mut appends = Vec::new();
+        for w in group {
+            match w {
+                Write::Append(bytes, reply) => appends.push((bytes, reply)),
+                Write::Normalized(batch, reply) => {
+                    let r = commit_normalized(&mut conn, batch);
+                    if r.is_ok() {
+                        events.notify_waiters();
+                    }
+                    let _ = reply.send(r);
+                }
+            }
+        }
+        if appends.is_empty() {
+            continue;
+        }
+        match append_group(&mut conn, &appends) {
+            Ok(first_seq) => {
+                for (i, (_, reply)) in appends.into_iter().enumerate() {
+                    let _ = reply.send(Ok(first_seq + i as i64));
+                }
+                envelopes.notify_waiters();
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                for (_, reply) in appends {
+                    let _ = reply.send(Err(LogError::Unavailable(msg.clone())));
+                }
+            }
+        }
+    }
+}
+
+type PendingAppend = (Vec<u8>, oneshot::Sender<Result<Offset, LogError>>);
+
+fn append_group(conn: &mut Connection, appends: &[PendingAppend]) -> rusqlite::Result<Offset> {
+    let tx = conn.transaction()?;
+    let first = {
+        let mut st = tx.prepare_cached("INSERT INTO envelopes (record) VALUES (?1)")?;
+        let mut first = None;
+        for (bytes, _) in appends {
+            st.execute([bytes])?;
+            first.get_or_insert(tx.last_insert_rowid());
+        }
+        first.unwrap_or(0)
+    };
+    tx.commit()?;
+    Ok(first)
+}
+
+fn commit_normalized(conn: &mut Connection, batch: NormalizedBatch) -> Result<(), LogError> {
+    let tx = conn.transaction().map_err(unavailable)?;
+    {
+        let mut ev = tx
+            .prepare_cached(
+                "INSERT INTO events (tenant, recipient, message_id, occurred_at_ms, received_at_ms, envelope_seq, record)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(unavailable)?;
+        for (env_seq, e) in &batch.events {
+            let bytes = avro::encode_event(e).map_err(unavailable)?;
+            ev.execute(params![
+                e.tenant,
+                e.recipient,
+                e.message_id,
+                e.occurred_at_ms,
+                e.received_at_ms,
+                env_seq,
+                bytes
+            ])
+            .map_err(unavailable)?;
+        }
+        let mut dl = tx
+            .prepare_cached(
+                "INSERT INTO dead_letters (envelope_seq, envelope_id, provider, reason, detail, item, received_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .map_err(unavailable)?;
+        for (env_seq, d) in &batch.dead_letters {
+            dl.execute(params![
+                env_seq,
+                d.envelope_id,
+                d.provider,
+                d.reason,
+                d.detail,
+                d.item,
+                d.received_at_ms
+            ])
+            .map_err(unavailable)?;
+        }
+        // The checkpoint moves in the same transaction as the output: exactly-once normalizing.
+        tx.execute(
+            "INSERT INTO checkpoints (stage, seq) VALUES ('normalizer', ?1)
+             ON CONFLICT(stage) DO UPDATE SET seq = excluded.seq",
+            [batch.upto],
+        )
+        .map_err(unavailable)?;
+    }
+    tx.commit().map_err(unavailable)
+}
+
+fn decode_rows<T>(
+    rows: Vec<(Offset, Vec<u8>)>,
+    decode: impl Fn(&[u8]) -> Result<T, avro::AvroError>,
+) -> Result<Vec<Record<T>>, LogError> {
+    rows.into_iter()
+        .map(|(offset, bytes)| {
+            decode(&bytes)
+                .map(|value| Record { offset, value })
+                .map_err(|e| LogError::Corrupt {
+                    offset,
+                    message: e.to_string(),
+                })
+        })
+        .collect()
+}
+
+fn seq_blob_rows(
+    conn: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<(Offset, Vec<u8>)>, LogError> {
+    let mut st = conn.prepare_cached(sql).map_err(unavailable)?;
+    let rows = st
+        .query_map(params, |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(unavailable)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>()
+        .map_err(unavailable)
+}
+
+async fn wait_or_poll(n: &Notify) {
+    let _ = tokio::time::timeout(POLL, n.notified()).await;
+}
+
+#[async_trait]
+impl EnvelopeLog for Arc<SqliteLog> {
+    async fn append(&self, envelope: &RawEnvelope) -> Result<Offset, LogError> {
+        let bytes = avro::encode_envelope(envelope).map_err(unavailable)?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Write::Append(bytes, tx), rx).await
+    }
+}
+
+#[async_trait]
+impl NormalizerLog for Arc<SqliteLog> {
+    async fn normalizer_checkpoint(&self) -> Result<Offset, LogError> {
+        self.read(|c| {
+            c.query_row(
+                "SELECT seq FROM checkpoints WHERE stage = 'normalizer'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map(|o| o.unwrap_or(0))
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn read_envelopes(
+        &self,
+        after: Offset,
+        max: usize,
+    ) -> Result<Vec<Record<RawEnvelope>>, LogError> {
+        self.read(move |c| {
+            let rows = seq_blob_rows(
+                c,
+                "SELECT seq, record FROM envelopes WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                params![after, max as i64],
+            )?;
+            decode_rows(rows, avro::decode_envelope)
+        })
+        .await
+    }
+
+    async fn commit_normalized(&self, batch: NormalizedBatch) -> Result<(), LogError> {
+        let (tx, rx) = oneshot::channel();
+        self.writer
+            .send(Write::Normalized(batch, tx))
+            .await
+            .map_err(|_| unavailable("log writer stopped"))?;
+        rx.await.map_err(|_| unavailable("log writer stopped"))?
+    }
+
+    async fn envelopes_appended(&self) {
+        wait_or_poll(&self.envelopes_appended).await
+    }
+}
+
+#[async_trait]
+impl EventLog for Arc<SqliteLog> {
+    async fn read_events(
+        &self,
+        after: Offset,
+        max: usize,
+    ) -> Result<Vec<Record<DeliveryEvent>>, LogError> {
+        self.read(move |c| {
+            let rows = seq_blob_rows(
+                c,
+                "SELECT seq, record FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                params![after, max as i64],
+            )?;
+            decode_rows(rows, avro::decode_event)
+        })
+        .await
+    }
+
+    async fn head(&self) -> Result<Offset, LogError> {
+        self.read(|c| {
+            c.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |r| r.get(0))
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn offset_at(&self, time_ms: i64) -> Result<Offset, LogError> {
+        self.read(move |c| {
+            c.query_row(
+                "SELECT COALESCE(MIN(seq), (SELECT COALESCE(MAX(seq), 0) + 1 FROM events)) FROM events WHERE received_at_ms >= ?1",
+                [time_ms],
+                |r| r.get(0),
+            )
+            .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn query_events(&self, q: EventQuery) -> Result<Vec<Record<DeliveryEvent>>, LogError> {
+        self.read(move |c| {
+            let rows = seq_blob_rows(
+                c,
+                "SELECT seq, record FROM events
+                 WHERE tenant = ?1 AND seq > ?2
+                   AND (?3 IS NULL OR recipient = ?3)
+                   AND (?4 IS NULL OR message_id = ?4)
+                   AND (?5 IS NULL OR occurred_at_ms >= ?5)
+                   AND (?6 IS NULL OR occurred_at_ms < ?6)
+                 ORDER BY seq LIMIT ?7",
+                params![
+                    q.tenant,
+                    q.after,
+                    q.recipient,
+                    q.message_id,
+                    q.since_ms,
+                    q.until_ms,
+                    q.limit as i64
+                ],
+            )?;
+            decode_rows(rows, avro::decode_event)
+        })
+        .await
+    }
+
+    async fn events_appended(&self) {
+        wait_or_poll(&self.events_appended).await
+    }
+}
+
+#[async_trait]
+impl DeadLetterLog for Arc<SqliteLog> {
+    async fn dead_letters(
+        &self,
+        after: Offset,
+        limit: usize,
+    ) -> Result<Vec<Record<DeadLetter>>, LogError> {
+        self.read(move |c| {
+            let mut st = c
+                .prepare_cached(
+                    "SELECT d.seq, d.provider, d.reason, d.detail, d.item, d.received_at_ms, d.envelope_id
+                     FROM dead_letters d WHERE d.seq > ?1 ORDER BY d.seq LIMIT ?2",
+                )
+                .map_err(unavailable)?;
+            let rows = st
+                .query_map(params![after, limit as i64], |r| {
+                    Ok(Record {
+                        offset: r.get(0)?,
+                        value: DeadLetter {
+                            provider: r.get(1)?,
+                            reason: r.get(2)?,
+                            detail: r.get(3)?,
+                            item: r.get(4)?,
+                            received_at_ms: r.get(5)?,
+                            envelope_id: r.get(6)?,
+                        },
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn dead_letter_counts(&self) -> Result<Vec<(String, String, u64)>, LogError> {
+        self.read(|c| {
+            let mut st = c
+                .prepare_cached("SELECT provider, reason, COUNT(*) FROM dead_letters GROUP BY provider, reason ORDER BY provider, reason")
+                .map_err(unavailable)?;
+            let rows = st
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, i64>(2)? as u64)))
+                .map_err(unavailable)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>().map_err(unavailable)
+        })
+        .await
+    }
+}

@@ -1,0 +1,533 @@
+//! The embedded projection store: one SQLite file, one set of tables per generation
+//! (`dispatches_<g>`, `seen_<g>`, `suppressions_<g>`, `contacts_<g>`), and a `current` row
+//! that names the generation readers and the projector use.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+
+use super::{Generation, GenerationInfo, ProjectionStore, RecipientsQuery, StoreError};
+use crate::event::DeliveryEvent;
+use crate::fold::{
+    apply_contact, contact_change_of, fold_dispatch, merge_suppression, suppression_of, ContactRow,
+    DispatchRow, SuppressionRow,
+};
+use crate::log::{Offset, Record};
+
+const META: &str = "
+CREATE TABLE IF NOT EXISTS generations (gen INTEGER PRIMARY KEY, checkpoint INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS current (id INTEGER PRIMARY KEY CHECK (id = 1), gen INTEGER NOT NULL);
+";
+
+fn tables_sql(g: Generation) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS dispatches_{g} (
+            tenant TEXT NOT NULL, dispatch_key TEXT NOT NULL, campaign_id TEXT, dispatch_id TEXT,
+            status TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (tenant, dispatch_key)) WITHOUT ROWID;
+         CREATE INDEX IF NOT EXISTS dispatches_{g}_campaign ON dispatches_{g} (tenant, campaign_id, dispatch_key);
+         CREATE INDEX IF NOT EXISTS dispatches_{g}_id ON dispatches_{g} (tenant, dispatch_id);
+         CREATE TABLE IF NOT EXISTS seen_{g} (tenant TEXT NOT NULL, event_key TEXT NOT NULL,
+            PRIMARY KEY (tenant, event_key)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS suppressions_{g} (tenant TEXT NOT NULL, email TEXT NOT NULL, reason TEXT NOT NULL,
+            state TEXT NOT NULL, PRIMARY KEY (tenant, email, reason)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS contacts_{g} (tenant TEXT NOT NULL, email TEXT NOT NULL, state TEXT NOT NULL,
+            PRIMARY KEY (tenant, email)) WITHOUT ROWID;"
+    )
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+fn connect(path: &Path) -> rusqlite::Result<Connection> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(Duration::from_secs(10))?;
+    c.execute_batch("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;")?;
+    Ok(c)
+}
+
+pub struct SqliteProjections {
+    writer: Arc<Mutex<Connection>>,
+    readers: Vec<Arc<Mutex<Connection>>>,
+    next_reader: std::sync::atomic::AtomicUsize,
+}
+
+impl SqliteProjections {
+    pub fn open(path: &Path) -> Result<SqliteProjections, StoreError> {
+        let conn = connect(path).map_err(unavailable)?;
+        conn.execute_batch(META).map_err(unavailable)?;
+        let tx = conn.unchecked_transaction().map_err(unavailable)?;
+        let current: Option<i64> = tx
+            .query_row("SELECT gen FROM current", [], |r| r.get(0))
+            .optional()
+            .map_err(unavailable)?;
+        if current.is_none() {
+            tx.execute_batch(&tables_sql(1)).map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO generations (gen, checkpoint) VALUES (1, 0)",
+                [],
+            )
+            .map_err(unavailable)?;
+            tx.execute("INSERT INTO current (id, gen) VALUES (1, 1)", [])
+                .map_err(unavailable)?;
+        }
+        tx.commit().map_err(unavailable)?;
+        let readers = (0..4)
+            .map(|_| connect(path).map(|c| Arc::new(Mutex::new(c))))
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(unavailable)?;
+        Ok(SqliteProjections {
+            writer: Arc::new(Mutex::new(conn)),
+            readers,
+            next_reader: Default::default(),
+        })
+    }
+
+    async fn write<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.writer.clone();
+        tokio::task::spawn_blocking(move || f(&mut conn.lock().unwrap_or_else(|p| p.into_inner())))
+            .await
+            .map_err(unavailable)?
+    }
+
+    /// Runs a read in one transaction (a consistent snapshot across a generation switch) on
+    /// the current generation.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection, Generation) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let i = self
+            .next_reader
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % self.readers.len();
+        let conn = self.readers[i].clone();
+        tokio::task::spawn_blocking(move || {
+            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
+            let tx = c.transaction().map_err(unavailable)?;
+            let g = current_gen(&tx)?;
+            f(&tx, g)
+        })
+        .await
+        .map_err(unavailable)?
+    }
+}
+
+fn current_gen(c: &Connection) -> Result<Generation, StoreError> {
+    c.query_row("SELECT gen FROM current", [], |r| r.get(0))
+        .map_err(unavailable)
+}
+
+fn checkpoint_of(c: &Connection, g: Generation) -> Result<Offset, StoreError> {
+    c.query_row(
+        "SELECT checkpoint FROM generations WHERE gen = ?1",
+        [g],
+        |r| r.get(0),
+    )
+    .optional()
+    .map_err(unavailable)?
+    .ok_or_else(|| StoreError::Invalid(format!("generation {g} does not exist")))
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
+    serde_json::to_string(v).map_err(unavailable)
+}
+
+fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
+    serde_json::from_str(s)
+        .map_err(|e| StoreError::Invalid(format!("stored row does not decode: {e}")))
+}
+
+/// Folds a batch into generation `g` inside the caller's transaction: dedupe by event key,
+/// fold per row (rows touched several times in a batch are read and written once).
+fn apply_in_tx(
+    tx: &Connection,
+    g: Generation,
+    events: &[Record<DeliveryEvent>],
+) -> Result<Offset, StoreError> {
+    let checkpoint = checkpoint_of(tx, g)?;
+    if let Some(first) = events
+        .first()
+        .map(|r| r.offset)
+        .filter(|f| *f > checkpoint + 1)
+    {
+        return Err(StoreError::Gap { first, checkpoint });
+    }
+    let fresh: Vec<&Record<DeliveryEvent>> =
+        events.iter().filter(|r| r.offset > checkpoint).collect();
+    let Some(last) = fresh.last().map(|r| r.offset) else {
+        return Ok(checkpoint);
+    };
+    let mut dispatches: HashMap<(String, String), DispatchRow> = HashMap::new();
+    let mut suppressions: HashMap<(String, String, String), SuppressionRow> = HashMap::new();
+    let mut contacts: HashMap<(String, String), ContactRow> = HashMap::new();
+    {
+        let mut seen = tx
+            .prepare_cached(&format!(
+                "INSERT OR IGNORE INTO seen_{g} (tenant, event_key) VALUES (?1, ?2)"
+            ))
+            .map_err(unavailable)?;
+        let mut get_d = tx
+            .prepare_cached(&format!(
+                "SELECT state FROM dispatches_{g} WHERE tenant = ?1 AND dispatch_key = ?2"
+            ))
+            .map_err(unavailable)?;
+        let mut get_s = tx
+            .prepare_cached(&format!("SELECT state FROM suppressions_{g} WHERE tenant = ?1 AND email = ?2 AND reason = ?3"))
+            .map_err(unavailable)?;
+        let mut get_c = tx
+            .prepare_cached(&format!(
+                "SELECT state FROM contacts_{g} WHERE tenant = ?1 AND email = ?2"
+            ))
+            .map_err(unavailable)?;
+        for rec in fresh {
+            let ev = &rec.value;
+            if seen
+                .execute(params![ev.tenant, ev.event_key])
+                .map_err(unavailable)?
+                == 0
+            {
+                continue; // a duplicate: already folded
+            }
+            let k = (ev.tenant.clone(), ev.dispatch_key.clone());
+            let row = match dispatches.remove(&k) {
+                Some(r) => Some(r),
+                None => get_d
+                    .query_row(params![k.0, k.1], |r| r.get::<_, String>(0))
+                    .optional()
+                    .map_err(unavailable)?
+                    .map(|s| from_json(&s))
+                    .transpose()?,
+            };
+            dispatches.insert(k, fold_dispatch(row, ev));
+            if let Some(s) = suppression_of(ev) {
+                let k = (
+                    s.tenant.clone(),
+                    s.email.clone(),
+                    s.reason.as_str().to_string(),
+                );
+                let old = match suppressions.remove(&k) {
+                    Some(r) => Some(r),
+                    None => get_s
+                        .query_row(params![k.0, k.1, k.2], |r| r.get::<_, String>(0))
+                        .optional()
+                        .map_err(unavailable)?
+                        .map(|s| from_json(&s))
+                        .transpose()?,
+                };
+                suppressions.insert(k, merge_suppression(old, s));
+            }
+            if let Some(change) = contact_change_of(ev) {
+                let k = (ev.tenant.clone(), ev.recipient.clone());
+                let old = match contacts.remove(&k) {
+                    Some(r) => Some(r),
+                    None => get_c
+                        .query_row(params![k.0, k.1], |r| r.get::<_, String>(0))
+                        .optional()
+                        .map_err(unavailable)?
+                        .map(|s| from_json(&s))
+                        .transpose()?,
+                };
+                contacts.insert(k, apply_contact(old, ev, change));
+            }
+        }
+    }
+    let mut put_d = tx
+        .prepare_cached(&format!(
+            "INSERT INTO dispatches_{g} (tenant, dispatch_key, campaign_id, dispatch_id, status, state)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (tenant, dispatch_key) DO UPDATE SET campaign_id = excluded.campaign_id,
+               dispatch_id = excluded.dispatch_id, status = excluded.status, state = excluded.state"
+        ))
+        .map_err(unavailable)?;
+    for ((tenant, key), row) in &dispatches {
+        put_d
+            .execute(params![
+                tenant,
+                key,
+                row.campaign_id,
+                row.dispatch_id,
+                row.status.as_str(),
+                json(row)?
+            ])
+            .map_err(unavailable)?;
+    }
+    let mut put_s = tx
+        .prepare_cached(&format!(
+            "INSERT INTO suppressions_{g} (tenant, email, reason, state) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (tenant, email, reason) DO UPDATE SET state = excluded.state"
+        ))
+        .map_err(unavailable)?;
+    for ((tenant, email, reason), row) in &suppressions {
+        put_s
+            .execute(params![tenant, email, reason, json(row)?])
+            .map_err(unavailable)?;
+    }
+    let mut put_c = tx
+        .prepare_cached(&format!(
+            "INSERT INTO contacts_{g} (tenant, email, state) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant, email) DO UPDATE SET state = excluded.state"
+        ))
+        .map_err(unavailable)?;
+    for ((tenant, email), row) in &contacts {
+        put_c
+            .execute(params![tenant, email, json(row)?])
+            .map_err(unavailable)?;
+    }
+    tx.execute(
+        "UPDATE generations SET checkpoint = ?1 WHERE gen = ?2",
+        params![last, g],
+    )
+    .map_err(unavailable)?;
+    Ok(last)
+}
+
+fn collect_states<T: serde::de::DeserializeOwned>(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<T>, StoreError> {
+    let mut st = c.prepare_cached(sql).map_err(unavailable)?;
+    let rows = st
+        .query_map(params, |r| r.get::<_, String>(0))
+        .map_err(unavailable)?;
+    let mut out = Vec::new();
+    for s in rows {
+        out.push(from_json(&s.map_err(unavailable)?)?);
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl ProjectionStore for SqliteProjections {
+    async fn checkpoint(&self) -> Result<Offset, StoreError> {
+        self.read(|c, g| checkpoint_of(c, g)).await
+    }
+
+    async fn apply(&self, events: Vec<Record<DeliveryEvent>>) -> Result<(), StoreError> {
+        self.write(move |c| {
+            // IMMEDIATE: take the write lock before reading which generation is current, so a
+            // concurrent rebuild cannot switch between that read and our write.
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let g = current_gen(&tx)?;
+            apply_in_tx(&tx, g, &events)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn recipients(&self, q: RecipientsQuery) -> Result<Vec<DispatchRow>, StoreError> {
+        self.read(move |c, g| {
+            collect_states(
+                c,
+                &format!(
+                    "SELECT state FROM dispatches_{g} WHERE tenant = ?1 AND campaign_id = ?2
+                       AND (?3 IS NULL OR status = ?3) AND (?4 IS NULL OR dispatch_key > ?4)
+                     ORDER BY dispatch_key LIMIT ?5"
+                ),
+                params![
+                    q.tenant,
+                    q.campaign_id,
+                    q.status.map(|s| s.as_str()),
+                    q.after,
+                    q.limit as i64
+                ],
+            )
+        })
+        .await
+    }
+
+    async fn dispatch(
+        &self,
+        tenant: &str,
+        id_or_key: &str,
+    ) -> Result<Option<DispatchRow>, StoreError> {
+        let (tenant, id) = (tenant.to_string(), id_or_key.to_string());
+        self.read(move |c, g| {
+            let mut rows: Vec<DispatchRow> = collect_states(
+                c,
+                &format!(
+                    "SELECT state FROM dispatches_{g} WHERE tenant = ?1 AND (dispatch_key = ?2 OR dispatch_key = ?3)
+                     ORDER BY dispatch_key LIMIT 1"
+                ),
+                params![tenant, DeliveryEvent::attributed_dispatch_key(&id), id],
+            )?;
+            Ok(rows.pop())
+        })
+        .await
+    }
+
+    async fn suppressions_of(
+        &self,
+        tenant: &str,
+        email: &str,
+    ) -> Result<Vec<SuppressionRow>, StoreError> {
+        let (tenant, email) = (tenant.to_string(), email.to_string());
+        self.read(move |c, g| {
+            collect_states(
+                c,
+                &format!("SELECT state FROM suppressions_{g} WHERE tenant = ?1 AND email = ?2 ORDER BY reason"),
+                params![tenant, email],
+            )
+        })
+        .await
+    }
+
+    async fn suppressions(
+        &self,
+        tenant: &str,
+        after: Option<(String, String)>,
+        limit: usize,
+    ) -> Result<Vec<SuppressionRow>, StoreError> {
+        let tenant = tenant.to_string();
+        let (ae, ar) = after.unzip();
+        self.read(move |c, g| {
+            collect_states(
+                c,
+                &format!(
+                    "SELECT state FROM suppressions_{g} WHERE tenant = ?1
+                       AND (?2 IS NULL OR email > ?2 OR (email = ?2 AND reason > ?3))
+                     ORDER BY email, reason LIMIT ?4"
+                ),
+                params![tenant, ae, ar, limit as i64],
+            )
+        })
+        .await
+    }
+
+    async fn contact(&self, tenant: &str, email: &str) -> Result<Option<ContactRow>, StoreError> {
+        let (tenant, email) = (tenant.to_string(), email.to_string());
+        self.read(move |c, g| {
+            let mut rows: Vec<ContactRow> = collect_states(
+                c,
+                &format!("SELECT state FROM contacts_{g} WHERE tenant = ?1 AND email = ?2"),
+                params![tenant, email],
+            )?;
+            Ok(rows.pop())
+        })
+        .await
+    }
+
+    async fn generations(&self) -> Result<Vec<GenerationInfo>, StoreError> {
+        self.read(|c, current| {
+            let mut st = c
+                .prepare("SELECT gen, checkpoint FROM generations ORDER BY gen")
+                .map_err(unavailable)?;
+            let rows = st
+                .query_map([], |r| {
+                    let generation: i64 = r.get(0)?;
+                    Ok(GenerationInfo {
+                        generation,
+                        checkpoint: r.get(1)?,
+                        current: generation == current,
+                    })
+                })
+                .map_err(unavailable)?;
+            rows.collect::<rusqlite::Result<Vec<_>>>()
+                .map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn create_generation(&self, start: Offset) -> Result<Generation, StoreError> {
+        self.write(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let g: Generation = tx
+                .query_row(
+                    "SELECT COALESCE(MAX(gen), 0) + 1 FROM generations",
+                    [],
+                    |r| r.get(0),
+                )
+                .map_err(unavailable)?;
+            tx.execute_batch(&tables_sql(g)).map_err(unavailable)?;
+            tx.execute(
+                "INSERT INTO generations (gen, checkpoint) VALUES (?1, ?2)",
+                params![g, (start - 1).max(0)],
+            )
+            .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)?;
+            Ok(g)
+        })
+        .await
+    }
+
+    async fn apply_to(
+        &self,
+        generation: Generation,
+        events: Vec<Record<DeliveryEvent>>,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            apply_in_tx(&tx, generation, &events)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn switch_to(
+        &self,
+        generation: Generation,
+        tail: Box<
+            dyn Fn(Offset, usize) -> Result<Vec<Record<DeliveryEvent>>, String> + Send + Sync,
+        >,
+    ) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            loop {
+                let cp = checkpoint_of(&tx, generation)?;
+                let batch = tail(cp, 5000).map_err(StoreError::Unavailable)?;
+                if batch.is_empty() {
+                    break;
+                }
+                apply_in_tx(&tx, generation, &batch)?;
+            }
+            tx.execute("UPDATE current SET gen = ?1 WHERE id = 1", [generation])
+                .map_err(unavailable)?;
+            tx.commit().map_err(unavailable)
+        })
+        .await
+    }
+
+    async fn drop_old(&self) -> Result<Vec<Generation>, StoreError> {
+        self.write(|c| {
+            let tx = c
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(unavailable)?;
+            let current = current_gen(&tx)?;
+            let old: Vec<Generation> = {
+                let mut st = tx
+                    .prepare("SELECT gen FROM generations WHERE gen <> ?1")
+                    .map_err(unavailable)?;
+                let rows = st.query_map([current], |r| r.get(0)).map_err(unavailable)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+                    .map_err(unavailable)?
+            };
+            for g in &old {
+                tx.execute_batch(&format!(
+                    "DROP TABLE IF EXISTS dispatches_{g}; DROP TABLE IF EXISTS seen_{g};
+                     DROP TABLE IF EXISTS suppressions_{g}; DROP TABLE IF EXISTS contacts_{g};"
+                ))
+                .map_err(unavailable)?;
+                tx.execute("DELETE FROM generations WHERE gen = ?1", [g])
+                    .map_err(unavailable)?;
+            }
+            tx.commit().map_err(unavailable)?;
+            Ok(old)
+        })
+        .await
+    }
+}

@@ -1,0 +1,446 @@
+//! SendGrid Event Webhook: batched JSON arrays, signed with ECDSA P-256 over
+//! `timestamp || raw body` (headers `X-Twilio-Email-Event-Webhook-{Signature,Timestamp}`), the
+//! key shown in SendGrid's settings as base64 DER. Custom args arrive as top-level keys.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use p256::ecdsa::signature::hazmat::PrehashVerifier;
+use p256::ecdsa::{Signature, VerifyingKey};
+use p256::pkcs8::DecodePublicKey;
+use serde::Deserialize;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{
+    attribute, check_timestamp, dead, event_key, normalize_email, scalar_string, Credentials,
+    Normalized, Provider, ProviderSettings, Rejection, Verified, WebhookRequest, XsMeta,
+};
+use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
+use crate::tenants::TenantSet;
+
+pub const SIGNATURE_HEADER: &str = "x-twilio-email-event-webhook-signature";
+pub const TIMESTAMP_HEADER: &str = "x-twilio-email-event-webhook-timestamp";
+
+pub struct SendGrid {
+    tolerance: Duration,
+}
+
+impl SendGrid {
+    pub fn new(settings: &ProviderSettings) -> Self {
+        SendGrid {
+            tolerance: settings.timestamp_tolerance,
+        }
+    }
+}
+
+/// A tenant's SendGrid section.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Section {
+    /// The "Verification Key" from SendGrid → Settings → Mail Settings → Signed Event Webhook:
+    /// base64 of a DER SubjectPublicKeyInfo, with or without PEM armour.
+    verification_key: String,
+}
+
+/// The prepared key, decoded once at load.
+#[derive(Debug)]
+pub struct SendGridKey {
+    key: VerifyingKey,
+    der: Vec<u8>,
+}
+
+/// Decodes a verification key as SendGrid displays it (base64 DER) or as PEM.
+pub fn parse_verification_key(text: &str) -> Result<SendGridKey, String> {
+    let b64: String = text
+        .lines()
+        .filter(|l| !l.starts_with("-----"))
+        .flat_map(|l| l.chars())
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let der = B64.decode(b64.as_bytes()).map_err(|e| {
+        format!("verification_key is not base64 ({e}); paste the key exactly as SendGrid shows it")
+    })?;
+    let key = VerifyingKey::from_public_key_der(&der).map_err(|_| {
+        "verification_key is not an ECDSA P-256 public key (expected base64 DER starting 'MFkw…')".to_string()
+    })?;
+    Ok(SendGridKey { key, der })
+}
+
+fn header<'a>(req: &'a WebhookRequest<'_>, name: &str) -> Option<&'a str> {
+    req.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+}
+
+/// Verifies a signature over a precomputed `SHA-256(timestamp || body)`. SendGrid's signer does
+/// not normalize `s`, so a high-`s` signature is as valid as its low-`s` twin.
+pub fn verify_prehash(key: &SendGridKey, digest: &[u8], sig: &Signature) -> bool {
+    let sig = sig.normalize_s().unwrap_or(*sig);
+    key.key.verify_prehash(digest, &sig).is_ok()
+}
+
+/// The digest SendGrid signs.
+pub fn signed_digest(timestamp: &str, body: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update(timestamp.as_bytes())
+        .chain_update(body)
+        .finalize()
+        .into()
+}
+
+#[async_trait]
+impl Provider for SendGrid {
+    fn name(&self) -> &'static str {
+        "sendgrid"
+    }
+
+    fn content_types(&self) -> &'static [&'static str] {
+        &["application/json"]
+    }
+
+    fn parse_credentials(&self, section: &Value) -> Result<Credentials, String> {
+        let s: Section = serde_json::from_value(section.clone()).map_err(|e| e.to_string())?;
+        Ok(std::sync::Arc::new(parse_verification_key(
+            &s.verification_key,
+        )?))
+    }
+
+    async fn verify(
+        &self,
+        req: &WebhookRequest<'_>,
+        tenants: &TenantSet,
+    ) -> Result<Verified, Rejection> {
+        // Structure first: a body that SendGrid could never have sent is a 400 whatever its
+        // signature, and tells the sender exactly that.
+        let items = match serde_json::from_slice::<Value>(req.body) {
+            Ok(Value::Array(a)) => a.len(),
+            Ok(Value::Object(_)) => 1,
+            Ok(_) => {
+                return Err(Rejection::malformed(
+                    "SendGrid posts a JSON array of event objects; got another JSON type",
+                ))
+            }
+            Err(e) => return Err(Rejection::malformed(format!("body is not valid JSON: {e}"))),
+        };
+
+        let sig_b64 = header(req, SIGNATURE_HEADER).ok_or_else(|| {
+            Rejection::unauthorized(
+                "missing X-Twilio-Email-Event-Webhook-Signature: turn on Signed Event Webhook in SendGrid \
+                 and store its verification key for this tenant",
+            )
+        })?;
+        let ts = header(req, TIMESTAMP_HEADER).ok_or_else(|| {
+            Rejection::unauthorized("missing X-Twilio-Email-Event-Webhook-Timestamp header")
+        })?;
+        let ts_secs: i64 = ts.parse().map_err(|_| {
+            Rejection::unauthorized(
+                "X-Twilio-Email-Event-Webhook-Timestamp is not a Unix time in seconds",
+            )
+        })?;
+        let sig = B64
+            .decode(sig_b64)
+            .ok()
+            .and_then(|der| Signature::from_der(&der).ok())
+            .ok_or_else(|| {
+                Rejection::unauthorized(
+                    "X-Twilio-Email-Event-Webhook-Signature is not a base64 DER ECDSA signature",
+                )
+            })?;
+        check_timestamp(ts_secs, req.now_ms, self.tolerance)?;
+
+        let digest = signed_digest(ts, req.body);
+        let candidates = tenants.candidates(self.name(), req.route_tenant)?;
+        if candidates.is_empty() {
+            return Err(Rejection::unauthorized(
+                "no tenant has a SendGrid verification key configured, so nothing can be verified: \
+                 add [tenants.<id>.sendgrid] verification_key",
+            ));
+        }
+        // Tenants sharing one SendGrid account share its key: check each distinct key once.
+        let mut verified = Vec::new();
+        let mut checked: Vec<(&[u8], bool)> = Vec::new();
+        for (tenant, creds) in &candidates {
+            let Some(key) = creds.downcast_ref::<SendGridKey>() else {
+                continue;
+            };
+            let ok = match checked.iter().find(|(der, _)| *der == key.der.as_slice()) {
+                Some((_, ok)) => *ok,
+                None => {
+                    let ok = verify_prehash(key, &digest, &sig);
+                    checked.push((key.der.as_slice(), ok));
+                    ok
+                }
+            };
+            if ok {
+                verified.push(tenant.clone());
+            }
+        }
+        if verified.is_empty() {
+            return Err(Rejection::unauthorized(match req.route_tenant {
+                Some(t) => format!(
+                    "signature does not verify with tenant '{t}'s SendGrid verification key"
+                ),
+                None => "signature does not verify with any tenant's SendGrid verification key"
+                    .to_string(),
+            }));
+        }
+        let default_tenant = (verified.len() == 1).then(|| verified[0].clone());
+        Ok(Verified {
+            tenants: verified,
+            default_tenant,
+            items,
+        })
+    }
+
+    fn normalize(&self, env: &RawEnvelope) -> Vec<Normalized> {
+        let items = match serde_json::from_slice::<Value>(&env.body) {
+            Ok(Value::Array(a)) => a,
+            Ok(v @ Value::Object(_)) => vec![v],
+            Ok(_) => {
+                return vec![dead(
+                    env,
+                    "malformed_body",
+                    "not a JSON array",
+                    lossy_prefix(&env.body),
+                )]
+            }
+            Err(e) => {
+                return vec![dead(
+                    env,
+                    "malformed_body",
+                    e.to_string(),
+                    lossy_prefix(&env.body),
+                )]
+            }
+        };
+        items.iter().map(|item| normalize_item(env, item)).collect()
+    }
+}
+
+fn lossy_prefix(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned()
+}
+
+fn str_field<'a>(obj: &'a serde_json::Map<String, Value>, k: &str) -> Option<&'a str> {
+    obj.get(k)
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// `sg_message_id` is `<X-Message-Id>.filter…`; async bounces carry only `smtp-id`
+/// (`<X-Message-Id@host>`). Either way the X-Message-Id is the message id every event shares.
+fn message_id(obj: &serde_json::Map<String, Value>) -> Option<String> {
+    if let Some(sg) = str_field(obj, "sg_message_id") {
+        return Some(sg.split(".filter").next().unwrap_or(sg).to_string());
+    }
+    let smtp = str_field(obj, "smtp-id")?;
+    let inner = smtp.trim_start_matches('<').trim_end_matches('>');
+    Some(inner.split('@').next().unwrap_or(inner).to_string())
+}
+
+fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
+    let text = || item.to_string();
+    let Some(obj) = item.as_object() else {
+        return dead(env, "malformed_item", "event is not a JSON object", text());
+    };
+    let Some(event) = str_field(obj, "event") else {
+        return dead(env, "missing_field", "event has no 'event' field", text());
+    };
+    let Some(ts) = obj
+        .get("timestamp")
+        .and_then(|v| v.as_i64().or_else(|| v.as_str()?.parse().ok()))
+    else {
+        return dead(
+            env,
+            "missing_field",
+            "event has no integer 'timestamp'",
+            text(),
+        );
+    };
+    let Some(email_raw) = str_field(obj, "email") else {
+        return dead(
+            env,
+            "missing_field",
+            format!("'{event}' event has no 'email'"),
+            text(),
+        );
+    };
+    let Some(recipient) = normalize_email(email_raw) else {
+        return dead(
+            env,
+            "invalid_field",
+            format!("'email' is not an address: {email_raw:?}"),
+            text(),
+        );
+    };
+    let kind = match event {
+        "processed" => EventKind::Sent,
+        "dropped" => EventKind::Dropped,
+        "deferred" => EventKind::Deferred,
+        "delivered" => EventKind::Delivered,
+        "bounce" => EventKind::Bounced,
+        "open" => EventKind::Opened,
+        "click" => EventKind::Clicked,
+        "spamreport" => EventKind::Complained,
+        "unsubscribe" => EventKind::Unsubscribed,
+        "group_unsubscribe" => EventKind::GroupUnsubscribed,
+        "group_resubscribe" => EventKind::GroupResubscribed,
+        // Kept for analytics; a future SendGrid event type must not be lost.
+        _ => EventKind::Other,
+    };
+    let meta = XsMeta::from_object(obj);
+    let msg_id = message_id(obj);
+    let attribution = match attribute(env, &meta, msg_id.as_deref(), &recipient) {
+        Ok(a) => a,
+        Err((reason, detail)) => return dead(env, reason, detail, text()),
+    };
+    let bounce_type = str_field(obj, "type");
+    let bounce_class = (kind == EventKind::Bounced).then(|| match bounce_type {
+        // "blocked": the receiving server refused for now (reputation, content); retryable.
+        Some("blocked") => BounceClass::Soft,
+        _ => BounceClass::Hard,
+    });
+    let machine = kind == EventKind::Opened
+        && obj.get("sg_machine_open").and_then(Value::as_bool) == Some(true);
+    let url = str_field(obj, "url")
+        .filter(|_| kind == EventKind::Clicked)
+        .map(str::to_string);
+    let group_id = obj.get("asm_group_id").and_then(scalar_string);
+    let reason = match kind {
+        EventKind::Bounced | EventKind::Dropped => str_field(obj, "reason"),
+        EventKind::Deferred => str_field(obj, "response").or_else(|| str_field(obj, "reason")),
+        _ => None,
+    }
+    .map(str::to_string);
+    let ts_s = ts.to_string();
+    let key = event_key(&[
+        "sendgrid",
+        event,
+        &recipient,
+        msg_id.as_deref().unwrap_or(""),
+        &ts_s,
+        url.as_deref().unwrap_or(""),
+        bounce_type.unwrap_or(""),
+        group_id.as_deref().unwrap_or(""),
+        if machine { "m" } else { "" },
+        // Deferrals repeat for one message; the attempt number tells them apart.
+        &obj.get("attempt")
+            .and_then(scalar_string)
+            .unwrap_or_default(),
+    ]);
+    Normalized::Event(Box::new(DeliveryEvent {
+        event_key: key,
+        tenant: attribution.tenant,
+        provider: "sendgrid".into(),
+        kind,
+        dispatch_key: attribution.dispatch_key,
+        dispatch_id: attribution.dispatch_id,
+        campaign_id: attribution.campaign_id,
+        message_id: msg_id,
+        recipient,
+        occurred_at_ms: ts.saturating_mul(1000),
+        received_at_ms: env.received_at_ms,
+        envelope_id: env.id.clone(),
+        provider_event: event.to_string(),
+        provider_event_id: str_field(obj, "sg_event_id").map(str::to_string),
+        bounce_class,
+        reason,
+        smtp_status: str_field(obj, "status").map(str::to_string),
+        url,
+        user_agent: str_field(obj, "useragent").map(str::to_string),
+        ip: str_field(obj, "ip").map(str::to_string),
+        machine,
+        group_id: group_id.filter(|_| {
+            matches!(
+                kind,
+                EventKind::GroupUnsubscribed | EventKind::GroupResubscribed
+            )
+        }),
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SendGrid's published test vector (sendgrid-nodejs eventwebhook spec and the other
+    /// official SDKs): a real `dropped` event, ending in CRLF as SendGrid sends it.
+    const PUBLIC_KEY: &str = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE83T4O/n84iotIvIW4mdBgQ/7dAfSmpqIM8kF9mN1flpVKS3GRqe62gw+2fNNRaINXvVpiglSI8eNEc6wEA3F+g==";
+    const SIGNATURE: &str = "MEUCIGHQVtGj+Y3LkG9fLcxf3qfI10QysgDWmMOVmxG0u6ZUAiEAyBiXDWzM+uOe5W0JuG+luQAbPIqHh89M15TluLtEZtM=";
+    const TIMESTAMP: &str = "1600112502";
+    const PAYLOAD: &str = "[{\"email\":\"hello@world.com\",\"event\":\"dropped\",\"reason\":\"Bounced Address\",\"sg_event_id\":\"ZHJvcC0xMDk5NDkxOS1MUnpYbF9OSFN0T0doUTRrb2ZTbV9BLTA\",\"sg_message_id\":\"LRzXl_NHStOGhQ4kofSm_A.filterdrecv-p3mdw1-756b745b58-kmzbl-18-5F5FC76C-9.0\",\"smtp-id\":\"<LRzXl_NHStOGhQ4kofSm_A@ismtpd0039p1iad1.sendgrid.net>\",\"timestamp\":1600112492}]\r\n";
+    /// The wrong key the SDK tests use.
+    const WRONG_KEY: &str = "MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAEqTxd43gyp8IOEto2LdIfjRQrIbsd4SXZkLW6jDutdhXSJCWHw8REntlo7aNDthvj+y7GjUuFDb/R1NGe1OPzpA==";
+
+    fn sig() -> Signature {
+        Signature::from_der(&B64.decode(SIGNATURE).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn sendgrid_published_vector_verifies() {
+        let key = parse_verification_key(PUBLIC_KEY).unwrap();
+        assert!(verify_prehash(
+            &key,
+            &signed_digest(TIMESTAMP, PAYLOAD.as_bytes()),
+            &sig()
+        ));
+    }
+
+    #[test]
+    fn any_change_breaks_the_vector() {
+        let key = parse_verification_key(PUBLIC_KEY).unwrap();
+        // Re-serialised JSON (CRLF dropped) must fail: we verify raw bytes only.
+        let trimmed = PAYLOAD.trim_end();
+        assert!(!verify_prehash(
+            &key,
+            &signed_digest(TIMESTAMP, trimmed.as_bytes()),
+            &sig()
+        ));
+        assert!(!verify_prehash(
+            &key,
+            &signed_digest("1600112503", PAYLOAD.as_bytes()),
+            &sig()
+        ));
+        let wrong = parse_verification_key(WRONG_KEY).unwrap();
+        assert!(!verify_prehash(
+            &wrong,
+            &signed_digest(TIMESTAMP, PAYLOAD.as_bytes()),
+            &sig()
+        ));
+    }
+
+    #[test]
+    fn keys_are_accepted_as_shown_or_as_pem_and_rejected_with_a_reason() {
+        let pem = format!(
+            "-----BEGIN PUBLIC KEY-----\n{}\n{}\n-----END PUBLIC KEY-----\n",
+            &PUBLIC_KEY[..64],
+            &PUBLIC_KEY[64..]
+        );
+        assert!(parse_verification_key(&pem).is_ok());
+        assert!(parse_verification_key("not base64!")
+            .unwrap_err()
+            .contains("base64"));
+        assert!(parse_verification_key("aGVsbG8=")
+            .unwrap_err()
+            .contains("P-256"));
+    }
+
+    #[test]
+    fn message_id_is_shared_by_sg_message_id_and_smtp_id() {
+        let a = serde_json::json!({"sg_message_id": " 14c5d75ce93.dfd.64b469.filter0001.16648.5515E0B88.0"});
+        let b = serde_json::json!({"smtp-id": "<14c5d75ce93.dfd.64b469@ismtpd-555>"});
+        assert_eq!(
+            message_id(a.as_object().unwrap()).as_deref(),
+            Some("14c5d75ce93.dfd.64b469")
+        );
+        assert_eq!(
+            message_id(b.as_object().unwrap()).as_deref(),
+            Some("14c5d75ce93.dfd.64b469")
+        );
+    }
+}

@@ -1,0 +1,55 @@
+//! Projector: folds events from the events log into the projection store; the store moves its
+//! checkpoint in the same transaction as the state, so a kill at any point loses or doubles
+//! nothing.
+
+use std::sync::Arc;
+
+use crate::log::EventLog;
+use crate::projection::{ProjectionStore, StoreError};
+use crate::shutdown::Shutdown;
+
+/// One step: returns how many events were read (0 = caught up).
+pub async fn step(
+    log: &dyn EventLog,
+    store: &dyn ProjectionStore,
+    batch_size: usize,
+) -> anyhow::Result<usize> {
+    let cp = store.checkpoint().await?;
+    let events = log.read_events(cp, batch_size).await?;
+    let n = events.len();
+    if n > 0 {
+        match store.apply(events).await {
+            // A rebuild switched generations between our read and write: read again.
+            Err(StoreError::Gap { .. }) => return Ok(1),
+            other => other?,
+        }
+    }
+    Ok(n)
+}
+
+pub async fn run(
+    log: Arc<dyn EventLog>,
+    store: Arc<dyn ProjectionStore>,
+    batch_size: usize,
+    mut shutdown: Shutdown,
+) {
+    loop {
+        if shutdown.is_shutdown() {
+            return;
+        }
+        match step(log.as_ref(), store.as_ref(), batch_size).await {
+            Ok(0) => tokio::select! {
+                _ = log.events_appended() => {}
+                _ = shutdown.wait() => return,
+            },
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "projector step failed; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(super::RETRY) => {}
+                    _ = shutdown.wait() => return,
+                }
+            }
+        }
+    }
+}
