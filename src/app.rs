@@ -29,11 +29,35 @@ use crate::tenants::{SqliteTenantStore, TenantDirectory, TenantsFile};
 pub struct Running {
     pub addr: SocketAddr,
     pub state: Arc<AppState>,
+    log: Arc<SqliteLog>,
     trigger: Trigger,
     tasks: Vec<JoinHandle<()>>,
 }
 
+/// How far behind each stage is, in records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lag {
+    pub normalizer: i64,
+    pub projector: i64,
+}
+
+impl Lag {
+    pub fn is_zero(&self) -> bool {
+        self.normalizer == 0 && self.projector == 0
+    }
+}
+
 impl Running {
+    pub async fn lag(&self) -> anyhow::Result<Lag> {
+        use crate::log::NormalizerLog;
+        let normalizer = self.log.envelope_head().await? - self.log.normalizer_checkpoint().await?;
+        let projector = self.log.head().await? - self.state.projections.checkpoint().await?;
+        Ok(Lag {
+            normalizer,
+            projector,
+        })
+    }
+
     /// Graceful stop: readiness off, stop accepting, finish in-flight requests, stop stages.
     pub async fn stop(self) {
         self.state.ready.store(false, Ordering::Relaxed);
@@ -137,6 +161,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     Ok(Running {
         addr,
         state,
+        log,
         trigger,
         tasks,
     })

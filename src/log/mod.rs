@@ -59,6 +59,8 @@ pub trait EnvelopeLog: Send + Sync {
 #[async_trait]
 pub trait NormalizerLog: Send + Sync {
     async fn normalizer_checkpoint(&self) -> Result<Offset, LogError>;
+    /// Offset of the last appended envelope.
+    async fn envelope_head(&self) -> Result<Offset, LogError>;
     async fn read_envelopes(
         &self,
         after: Offset,

@@ -313,6 +313,16 @@ impl NormalizerLog for Arc<SqliteLog> {
         .await
     }
 
+    async fn envelope_head(&self) -> Result<Offset, LogError> {
+        self.read(|c| {
+            c.query_row("SELECT COALESCE(MAX(seq), 0) FROM envelopes", [], |r| {
+                r.get(0)
+            })
+            .map_err(unavailable)
+        })
+        .await
+    }
+
     async fn read_envelopes(
         &self,
         after: Offset,

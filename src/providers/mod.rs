@@ -190,14 +190,16 @@ pub fn attribute(
         }
         None => match &env.default_tenant {
             Some(t) => t.clone(),
-            None => return Err((
-                "unattributable",
-                format!(
+            None => {
+                return Err((
+                    "unattributable",
+                    format!(
                     "event names no xs_tenant and the request verified for several tenants {:?}; \
                          use the per-tenant URL /api/webhook/email/{}/{{tenant}}",
                     env.verified_tenants, env.provider
                 ),
-            )),
+                ))
+            }
         },
     };
     let dispatch_key = match &meta.dispatch {

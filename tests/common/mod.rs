@@ -1,0 +1,341 @@
+//! Test harness: a server on 127.0.0.1:0 over a temporary data folder, tenants with freshly
+//! generated SendGrid keys, a signer, and polling helpers. Behavioural tests are written once
+//! against [`Harness`] and instantiated per backend by `backend_tests!`.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD as B64;
+use base64::Engine;
+use p256::ecdsa::signature::Signer;
+use p256::ecdsa::{Signature, SigningKey};
+use p256::pkcs8::EncodePublicKey;
+use serde_json::Value;
+use xsender_events::app::{self, Running};
+use xsender_events::config::ServeConfig;
+use xsender_events::secret::Secret;
+
+pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
+
+/// A tenant's SendGrid signing identity, as SendGrid holds it.
+pub struct SendGridSigner {
+    key: SigningKey,
+}
+
+impl SendGridSigner {
+    pub fn random() -> Self {
+        SendGridSigner {
+            key: SigningKey::random(&mut rand::rngs::OsRng),
+        }
+    }
+
+    /// The verification key as SendGrid displays it: base64 DER.
+    pub fn verification_key(&self) -> String {
+        B64.encode(
+            self.key
+                .verifying_key()
+                .to_public_key_der()
+                .unwrap()
+                .as_bytes(),
+        )
+    }
+
+    pub fn sign(&self, timestamp: &str, body: &[u8]) -> String {
+        let mut msg = timestamp.as_bytes().to_vec();
+        msg.extend_from_slice(body);
+        let sig: Signature = self.key.sign(&msg);
+        B64.encode(sig.to_der().as_bytes())
+    }
+}
+
+pub fn now_secs() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub struct TenantSpec {
+    pub id: &'static str,
+    pub api_token: String,
+    pub signer: Option<SendGridSigner>,
+}
+
+impl TenantSpec {
+    pub fn new(id: &'static str) -> Self {
+        TenantSpec {
+            id,
+            api_token: format!("token-{id}-0123456789abcdef"),
+            signer: Some(SendGridSigner::random()),
+        }
+    }
+    pub fn without_key(id: &'static str) -> Self {
+        TenantSpec {
+            signer: None,
+            ..TenantSpec::new(id)
+        }
+    }
+}
+
+pub fn tenants_toml(tenants: &[TenantSpec]) -> String {
+    let mut s = String::new();
+    for t in tenants {
+        s += &format!("[tenants.{}]\napi_token = \"{}\"\n", t.id, t.api_token);
+        if let Some(sig) = &t.signer {
+            s += &format!(
+                "[tenants.{}.sendgrid]\nverification_key = \"{}\"\n",
+                t.id,
+                sig.verification_key()
+            );
+        }
+    }
+    s
+}
+
+pub struct Harness {
+    pub dir: tempfile::TempDir,
+    pub running: Option<Running>,
+    pub base: String,
+    pub http: reqwest::Client,
+    pub tenants: Vec<TenantSpec>,
+}
+
+pub fn config(dir: &Path, tenants_file: Option<PathBuf>) -> ServeConfig {
+    ServeConfig {
+        data_dir: dir.join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tenants_file,
+        admin_token: Some(Secret::new(ADMIN_TOKEN)),
+        shutdown_grace_secs: 5,
+        // Scenarios poll the read API hard; the rate-limit scenario sets its own limits.
+        rate_limit_per_second: 100_000,
+        rate_limit_burst: 100_000,
+        ..ServeConfig::default()
+    }
+}
+
+impl Harness {
+    /// The embedded default backend.
+    pub async fn embedded(tenants: Vec<TenantSpec>) -> Harness {
+        Self::embedded_with(tenants, |_| {}).await
+    }
+
+    pub async fn embedded_with(
+        tenants: Vec<TenantSpec>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tenants.toml");
+        std::fs::write(&file, tenants_toml(&tenants)).unwrap();
+        let mut cfg = config(dir.path(), Some(file));
+        tweak(&mut cfg);
+        let running = app::start(cfg).await.expect("server starts");
+        let base = format!("http://{}", running.addr);
+        Harness {
+            dir,
+            running: Some(running),
+            base,
+            http: reqwest::Client::new(),
+            tenants,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn tenant(&self, id: &str) -> &TenantSpec {
+        self.tenants
+            .iter()
+            .find(|t| t.id == id)
+            .expect("tenant in harness")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            r.stop().await;
+        }
+    }
+
+    /// Posts a SendGrid body signed by `tenant`'s key at `timestamp`.
+    pub async fn post_sendgrid_signed(
+        &self,
+        path: &str,
+        signer: &SendGridSigner,
+        timestamp: i64,
+        body: &[u8],
+    ) -> (u16, Value) {
+        let ts = timestamp.to_string();
+        let r = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", "application/json")
+            .header("x-twilio-email-event-webhook-timestamp", &ts)
+            .header(
+                "x-twilio-email-event-webhook-signature",
+                signer.sign(&ts, body),
+            )
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn post_sendgrid(&self, tenant: &str, body: &[u8]) -> (u16, Value) {
+        let signer = self
+            .tenant(tenant)
+            .signer
+            .as_ref()
+            .expect("tenant has a key");
+        self.post_sendgrid_signed("/api/webhook/email/sendgrid", signer, now_secs(), body)
+            .await
+    }
+
+    pub async fn get(&self, tenant: &str, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(format!("{}{}", self.base, path))
+            .bearer_auth(&self.tenant(tenant).api_token)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let r = rb.send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// All recipients of a campaign, following cursors.
+    pub async fn recipients(&self, tenant: &str, campaign: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        loop {
+            let mut path = format!("/api/v1/campaigns/{campaign}/recipients?limit=2");
+            if let Some(c) = &cursor {
+                path += &format!("&cursor={c}");
+            }
+            let (status, body) = self.get(tenant, &path).await;
+            assert_eq!(status, 200, "{body}");
+            out.extend(body["items"].as_array().unwrap().iter().cloned());
+            match body["next_cursor"].as_str() {
+                Some(c) => cursor = Some(c.to_string()),
+                None => return out,
+            }
+        }
+    }
+
+    /// Envelopes in the raw log (to prove a rejection wrote nothing).
+    pub fn envelope_count(&self) -> i64 {
+        let c = rusqlite::Connection::open(self.data_dir().join("log.db")).unwrap();
+        c.query_row("SELECT COUNT(*) FROM envelopes", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    /// Waits until the normalizer and projector have caught up with the log.
+    pub async fn settle(&self) {
+        let running = self.running.as_ref().expect("server running");
+        wait_until(Duration::from_secs(20), || async {
+            running.lag().await.unwrap().is_zero()
+        })
+        .await;
+    }
+}
+
+/// Polls `cond` until it holds; panics with the elapsed time otherwise. A correctness wait,
+/// not a timing assertion: the bound only keeps a broken build from hanging.
+pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < limit,
+            "condition not met within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub fn fixture(path: &str) -> Vec<u8> {
+    std::fs::read(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures")
+            .join(path),
+    )
+    .unwrap()
+}
+
+/// Splits a SendGrid batch into its raw items (byte-exact) and joins them in another order.
+pub fn reorder_batch(body: &[u8], order: impl Fn(&mut Vec<String>)) -> Vec<u8> {
+    let items: Vec<Box<serde_json::value::RawValue>> = serde_json::from_slice(body).unwrap();
+    let mut items: Vec<String> = items.into_iter().map(|r| r.get().to_string()).collect();
+    order(&mut items);
+    format!("[{}]\r\n", items.join(",\r\n")).into_bytes()
+}
+
+pub fn by_dispatch(rows: &[Value]) -> std::collections::BTreeMap<String, Value> {
+    rows.iter()
+        .map(|r| (r["dispatch_key"].as_str().unwrap().to_string(), r.clone()))
+        .collect()
+}
+
+/// Instantiates behavioural scenarios once per backend. Each scenario is an
+/// `async fn(Backend)`; add a backend here and every scenario runs on it.
+#[macro_export]
+macro_rules! backend_tests {
+    ($($scenario:ident),* $(,)?) => {
+        mod embedded {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::common::Backend::Embedded).await
+                }
+            )*
+        }
+    };
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum Backend {
+    Embedded,
+}
+
+impl Backend {
+    pub async fn start(self, tenants: Vec<TenantSpec>) -> Harness {
+        match self {
+            Backend::Embedded => Harness::embedded(tenants).await,
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns what comes back (for requests an HTTP
+/// client would refuse to send, or that the server answers before reading them whole).
+pub async fn raw_http(base: &str, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    // The server may answer and close before it has read everything: a failed write is fine.
+    let _ = s.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
