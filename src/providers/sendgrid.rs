@@ -262,6 +262,11 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
             text(),
         );
     };
+    if event == "account_status_change" {
+        // Account-level (compliance suspension etc.): no recipient to project, but an operator
+        // must see it, so it is kept as a dead letter with its own reason.
+        return dead(env, "account_event", "SendGrid account status change; no recipient to project", text());
+    }
     let Some(email_raw) = str_field(obj, "email") else {
         return dead(
             env,
