@@ -16,11 +16,18 @@ pub const DELIVERY_EVENT_SCHEMA: &str = include_str!("../schemas/delivery_event.
 #[derive(Debug, thiserror::Error)]
 pub enum AvroError {
     #[error("avro: {0}")]
-    Codec(#[from] apache_avro::Error),
+    Codec(Box<apache_avro::Error>),
     #[error("record does not start with the single-object marker C3 01")]
     NotSingleObject,
     #[error("record was written with schema fingerprint {found}, expected {expected}")]
     UnknownSchema { found: String, expected: String },
+}
+
+impl From<apache_avro::Error> for AvroError {
+    fn from(e: apache_avro::Error) -> Self {
+        // Boxed: the driver's error is large and this sits on hot `Result` paths.
+        AvroError::Codec(Box::new(e))
+    }
 }
 
 pub struct Codec {

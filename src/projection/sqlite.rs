@@ -307,7 +307,7 @@ fn collect_states<T: serde::de::DeserializeOwned>(
 #[async_trait]
 impl ProjectionStore for SqliteProjections {
     async fn checkpoint(&self) -> Result<Offset, StoreError> {
-        self.read(|c, g| checkpoint_of(c, g)).await
+        self.read(checkpoint_of).await
     }
 
     async fn apply(&self, events: Vec<Record<DeliveryEvent>>) -> Result<(), StoreError> {

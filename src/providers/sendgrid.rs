@@ -265,7 +265,12 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
     if event == "account_status_change" {
         // Account-level (compliance suspension etc.): no recipient to project, but an operator
         // must see it, so it is kept as a dead letter with its own reason.
-        return dead(env, "account_event", "SendGrid account status change; no recipient to project", text());
+        return dead(
+            env,
+            "account_event",
+            "SendGrid account status change; no recipient to project",
+            text(),
+        );
     }
     let Some(email_raw) = str_field(obj, "email") else {
         return dead(
@@ -305,7 +310,7 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
         Err((reason, detail)) => return dead(env, reason, detail, text()),
     };
     let bounce_type = str_field(obj, "type");
-    let bounce_class = (kind == EventKind::Bounced).then(|| match bounce_type {
+    let bounce_class = (kind == EventKind::Bounced).then_some(match bounce_type {
         // "blocked": the receiving server refused for now (reputation, content); retryable.
         Some("blocked") => BounceClass::Soft,
         _ => BounceClass::Hard,
