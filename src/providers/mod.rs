@@ -3,6 +3,7 @@
 //! (normalizer side, pure). Adding an ESP = one file + one line in [`registry`] + a folder of
 //! fixtures under `tests/fixtures/<name>/`.
 
+pub mod mailgun;
 pub mod sendgrid;
 
 use std::any::Any;
@@ -20,12 +21,15 @@ use crate::tenants::TenantSet;
 
 /// The adapters this build serves, by URL name. One line per ESP.
 pub fn registry(settings: &ProviderSettings) -> Vec<Arc<dyn Provider>> {
-    vec![Arc::new(sendgrid::SendGrid::new(settings))]
+    vec![
+        Arc::new(sendgrid::SendGrid::new(settings)),
+        Arc::new(mailgun::Mailgun::new(settings)),
+    ]
 }
 
 /// Providers of the published contract whose adapters have not landed yet: their routes exist
 /// and answer 404 with this reason rather than a bare "not found".
-pub const PLANNED: &[&str] = &["ses", "mailgun", "mailjet"];
+pub const PLANNED: &[&str] = &["ses", "mailjet"];
 
 /// Settings shared by the adapters.
 #[derive(Clone)]
