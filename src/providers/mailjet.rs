@@ -21,6 +21,7 @@ use async_trait::async_trait;
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
 use hyper::header::AUTHORIZATION;
+use hyper::StatusCode;
 use serde::Deserialize;
 use serde_json::{Map, Value};
 
@@ -88,6 +89,12 @@ impl MailjetCreds {
     }
 }
 
+/// Mailjet requests fail authentication on credentials, not on a signature: say so in the
+/// metrics code.
+fn unauthorized(message: impl Into<String>) -> Rejection {
+    Rejection::new(StatusCode::UNAUTHORIZED, "bad_credentials", message)
+}
+
 /// Decodes `Authorization: Basic base64(user:pass)`.
 fn basic_auth(req: &WebhookRequest<'_>) -> Result<(Vec<u8>, Vec<u8>), Rejection> {
     let help = "put the tenant's credentials in the callback URL set in Mailjet: \
@@ -95,21 +102,21 @@ fn basic_auth(req: &WebhookRequest<'_>) -> Result<(Vec<u8>, Vec<u8>), Rejection>
     let value = req
         .headers
         .get(AUTHORIZATION)
-        .ok_or_else(|| Rejection::unauthorized(format!("missing Authorization header; {help}")))?;
-    let value = value.to_str().map_err(|_| {
-        Rejection::unauthorized(format!("Authorization header is not ASCII; {help}"))
-    })?;
+        .ok_or_else(|| unauthorized(format!("missing Authorization header; {help}")))?;
+    let value = value
+        .to_str()
+        .map_err(|_| unauthorized(format!("Authorization header is not ASCII; {help}")))?;
     let (scheme, b64) = value.trim().split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("basic") {
-        return Err(Rejection::unauthorized(format!(
+        return Err(unauthorized(format!(
             "Authorization must use the Basic scheme; {help}"
         )));
     }
-    let decoded = B64.decode(b64.trim()).map_err(|_| {
-        Rejection::unauthorized(format!("Authorization Basic value is not base64; {help}"))
-    })?;
+    let decoded = B64
+        .decode(b64.trim())
+        .map_err(|_| unauthorized(format!("Authorization Basic value is not base64; {help}")))?;
     let colon = decoded.iter().position(|&b| b == b':').ok_or_else(|| {
-        Rejection::unauthorized(format!(
+        unauthorized(format!(
             "Authorization Basic value has no 'user:password'; {help}"
         ))
     })?;
@@ -288,7 +295,7 @@ impl Provider for Mailjet {
         let (user, pass) = basic_auth(req)?;
         let candidates = tenants.candidates(self.name(), req.route_tenant)?;
         if candidates.is_empty() {
-            return Err(Rejection::unauthorized(
+            return Err(unauthorized(
                 "no tenant has Mailjet webhook credentials configured, so nothing can be \
                  verified: add [tenants.<id>.mailjet] api_key, username, password",
             ));
@@ -302,7 +309,7 @@ impl Provider for Mailjet {
             }
         }
         if verified.is_empty() {
-            return Err(Rejection::unauthorized(match req.route_tenant {
+            return Err(unauthorized(match req.route_tenant {
                 Some(t) => format!(
                     "Basic credentials do not match tenant '{t}'s Mailjet username/password"
                 ),
@@ -496,7 +503,6 @@ mod tests {
     use super::*;
     use crate::tenants::{Tenant, TenantConfig};
     use hyper::http::{HeaderMap, HeaderValue};
-    use hyper::StatusCode;
     use serde_json::json;
 
     const USER: &str = "xsender-t1";
@@ -682,6 +688,12 @@ mod tests {
             let err = verify(&p, &set, body, auth, route).await.expect_err(name);
             assert_eq!(err.status, StatusCode::UNAUTHORIZED, "{name}: {err:?}");
             assert!(err.message.contains(needle), "{name}: {}", err.message);
+            let code = if route == Some("t2") {
+                "no_credentials"
+            } else {
+                "bad_credentials"
+            };
+            assert_eq!(err.code, code, "{name}");
         }
         // No tenant has Mailjet credentials at all.
         let none = tenants(&p, &[("t2", None)]);
