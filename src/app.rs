@@ -71,6 +71,8 @@ impl Running {
 pub fn provider_settings(cfg: &ServeConfig) -> ProviderSettings {
     ProviderSettings {
         timestamp_tolerance: Duration::from_secs(cfg.timestamp_tolerance_secs),
+        // Embedded default: the in-memory replay cache (one process).
+        ..ProviderSettings::default()
     }
 }
 

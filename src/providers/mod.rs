@@ -3,11 +3,13 @@
 //! (normalizer side, pure). Adding an ESP = one file + one line in [`registry`] + a folder of
 //! fixtures under `tests/fixtures/<name>/`.
 
+pub mod mailgun;
+pub mod mailjet;
 pub mod sendgrid;
 
 use std::any::Any;
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -20,26 +22,154 @@ use crate::tenants::TenantSet;
 
 /// The adapters this build serves, by URL name. One line per ESP.
 pub fn registry(settings: &ProviderSettings) -> Vec<Arc<dyn Provider>> {
-    vec![Arc::new(sendgrid::SendGrid::new(settings))]
+    vec![
+        Arc::new(sendgrid::SendGrid::new(settings)),
+        Arc::new(mailgun::Mailgun::new(settings)),
+        Arc::new(mailjet::Mailjet::new(settings)),
+    ]
 }
 
 /// Providers of the published contract whose adapters have not landed yet: their routes exist
 /// and answer 404 with this reason rather than a bare "not found".
-pub const PLANNED: &[&str] = &["ses", "mailgun", "mailjet"];
+pub const PLANNED: &[&str] = &["ses"];
 
 /// Settings shared by the adapters.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ProviderSettings {
     /// How far a signed timestamp may be from our clock, either way, before the request is
     /// rejected as a replay.
     pub timestamp_tolerance: Duration,
+    /// Remembers single-use tokens (Mailgun's `signature.token`) for as long as their
+    /// timestamp is acceptable. The embedded default is [`MemoryReplayGuard`]; a cluster
+    /// deployment passes one backed by its shared store so the check holds across replicas.
+    pub replay_guard: Arc<dyn ReplayGuard>,
 }
 
 impl Default for ProviderSettings {
     fn default() -> Self {
         ProviderSettings {
             timestamp_tolerance: Duration::from_secs(600),
+            replay_guard: Arc::new(MemoryReplayGuard::new(MemoryReplayGuard::DEFAULT_CAPACITY)),
         }
+    }
+}
+
+impl std::fmt::Debug for ProviderSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProviderSettings")
+            .field("timestamp_tolerance", &self.timestamp_tolerance)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the replay guard could not answer. Ingress turns it into a 503 so the ESP retries:
+/// refusing is safe, guessing "first use" is not.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayGuardError {
+    #[error(
+        "replay cache is full ({0} live tokens); raise its capacity or lower the timestamp tolerance"
+    )]
+    Full(usize),
+    #[error("replay store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Records single-use tokens so a captured, validly signed request cannot be replayed within
+/// the timestamp window. Call it only after the signature verified: otherwise anyone could
+/// burn a genuine token before the ESP's request arrives.
+///
+/// The embedded single-process default is [`MemoryReplayGuard`]. The cluster backend
+/// implements this on the shared store with a conditional insert (insert `(scope, token)` only
+/// if absent or expired, and report whether a row was written), so two ingress replicas can
+/// never both accept the same token.
+#[async_trait]
+pub trait ReplayGuard: Send + Sync + 'static {
+    /// `Ok(true)` when `token` was not seen in `scope` before (it is now recorded until
+    /// `expires_at_ms`), `Ok(false)` when it was and has not expired at `now_ms`.
+    async fn first_use(
+        &self,
+        scope: &str,
+        token: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, ReplayGuardError>;
+}
+
+/// A bounded in-memory [`ReplayGuard`] for the embedded (single-process) deployment. Entries
+/// are 128-bit hashes of `(scope, token)`, dropped once expired. When full of live entries it
+/// refuses ([`ReplayGuardError::Full`], a 503 the ESP retries) rather than evicting a live
+/// token, which would silently reopen a replay. A restart forgets everything; the timestamp
+/// tolerance still bounds replays to that window.
+pub struct MemoryReplayGuard {
+    capacity: usize,
+    state: Mutex<ReplayState>,
+}
+
+#[derive(Default)]
+struct ReplayState {
+    expires: HashMap<[u8; 16], i64>,
+    /// The same entries ordered by expiry, to purge the expired ones cheaply.
+    by_expiry: BTreeSet<(i64, [u8; 16])>,
+}
+
+impl MemoryReplayGuard {
+    /// About 40 bytes per entry: 500k live tokens (~830 Mailgun requests/s over a 10-minute
+    /// window) cost about 20 MB.
+    pub const DEFAULT_CAPACITY: usize = 500_000;
+
+    pub fn new(capacity: usize) -> Self {
+        MemoryReplayGuard {
+            capacity: capacity.max(1),
+            state: Mutex::new(ReplayState::default()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.state.lock().map(|s| s.expires.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[async_trait]
+impl ReplayGuard for MemoryReplayGuard {
+    async fn first_use(
+        &self,
+        scope: &str,
+        token: &str,
+        now_ms: i64,
+        expires_at_ms: i64,
+    ) -> Result<bool, ReplayGuardError> {
+        // Length-prefixed so ("ab", "c") and ("a", "bc") never collide.
+        let digest = Sha256::new()
+            .chain_update((scope.len() as u64).to_le_bytes())
+            .chain_update(scope.as_bytes())
+            .chain_update(token.as_bytes())
+            .finalize();
+        let mut id = [0u8; 16];
+        id.copy_from_slice(&digest[..16]);
+        let mut st = self
+            .state
+            .lock()
+            .map_err(|_| ReplayGuardError::Unavailable("replay cache lock poisoned".into()))?;
+        while let Some(&(exp, k)) = st.by_expiry.first() {
+            if exp > now_ms {
+                break;
+            }
+            st.by_expiry.pop_first();
+            st.expires.remove(&k);
+        }
+        if st.expires.contains_key(&id) {
+            return Ok(false);
+        }
+        if st.expires.len() >= self.capacity {
+            return Err(ReplayGuardError::Full(st.expires.len()));
+        }
+        st.expires.insert(id, expires_at_ms);
+        st.by_expiry.insert((expires_at_ms, id));
+        Ok(true)
     }
 }
 
@@ -276,4 +406,32 @@ pub fn check_timestamp(ts_secs: i64, now_ms: i64, tolerance: Duration) -> Result
         ));
     }
     Ok(())
+}
+
+/// The first 4 KiB of a body as text, for dead letters of bodies that did not parse.
+pub fn body_prefix(body: &[u8]) -> String {
+    String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn memory_replay_guard_remembers_until_expiry_and_is_bounded() {
+        let g = MemoryReplayGuard::new(2);
+        assert_eq!(g.first_use("mailgun", "a", 0, 1_000).await, Ok(true));
+        assert_eq!(g.first_use("mailgun", "a", 999, 1_000).await, Ok(false));
+        // Scopes are separate namespaces.
+        assert_eq!(g.first_use("other", "a", 999, 1_000).await, Ok(true));
+        // Full of live tokens: refuse rather than evict a live one.
+        assert_eq!(
+            g.first_use("mailgun", "b", 999, 5_000).await,
+            Err(ReplayGuardError::Full(2))
+        );
+        // Once expired, the entries are purged and the token is usable again.
+        assert_eq!(g.first_use("mailgun", "a", 1_000, 9_000).await, Ok(true));
+        assert_eq!(g.len(), 1);
+        assert_eq!(g.first_use("mailgun", "a", 8_999, 9_000).await, Ok(false));
+    }
 }
