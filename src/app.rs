@@ -90,7 +90,8 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         SqliteProjections::open(&cfg.data_dir.join("projections.db"))
             .context("opening projections")?,
     );
-    let providers = registry(&provider_settings(&cfg));
+    let settings = provider_settings(&cfg);
+    let providers = registry(&settings);
     let file = match cfg.tenants_path() {
         Some(p) => {
             tracing::info!(path = %p.display(), "loading tenants file");
@@ -122,6 +123,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         events: Arc::new(log.clone()),
         dead_letters: Arc::new(log.clone()),
         projections: projections.clone(),
+        replay_guard: settings.replay_guard.clone(),
         limiter,
         admin_token: cfg.admin_token.clone(),
         max_body_bytes: cfg.max_body_bytes,

@@ -28,7 +28,7 @@ use tokio::net::TcpListener;
 
 use crate::log::{DeadLetterLog, EnvelopeLog, EventLog};
 use crate::projection::ProjectionStore;
-use crate::providers::Provider;
+use crate::providers::{Provider, ReplayGuard};
 use crate::secret::Secret;
 use crate::shutdown::Shutdown;
 use crate::tenants::TenantDirectory;
@@ -42,6 +42,8 @@ pub struct AppState {
     pub events: Arc<dyn EventLog>,
     pub dead_letters: Arc<dyn DeadLetterLog>,
     pub projections: Arc<dyn ProjectionStore>,
+    /// The providers' shared replay guard, to give back tokens of requests not accepted.
+    pub replay_guard: Arc<dyn ReplayGuard>,
     pub limiter: ratelimit::Limiter,
     pub admin_token: Option<Secret>,
     pub max_body_bytes: usize,

@@ -136,8 +136,8 @@ async fn accept(
         id: hex::encode(id),
         provider: provider.name().to_string(),
         received_at_ms: now_ms,
-        verified_tenants: verified.tenants,
-        default_tenant: verified.default_tenant,
+        verified_tenants: verified.tenants.clone(),
+        default_tenant: verified.default_tenant.clone(),
         content_type,
         body: body.to_vec(),
     };
@@ -148,6 +148,9 @@ async fn accept(
         )),
         Err(e) => {
             tracing::error!(error = %e, provider = provider.name(), "log append failed; answering 503");
+            if let Some(claim) = &verified.replay_claim {
+                state.replay_guard.release(claim.scope, &claim.token).await;
+            }
             Err(Rejection::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "log_unavailable",

@@ -26,8 +26,8 @@ use sha2::Sha256;
 
 use super::{
     attribute, body_prefix, check_timestamp, dead, event_key, normalize_email, scalar_string,
-    Credentials, Normalized, Provider, ProviderSettings, Rejection, ReplayGuard, Verified,
-    WebhookRequest, XsMeta,
+    Credentials, Normalized, Provider, ProviderSettings, Rejection, ReplayClaim, ReplayGuard,
+    Verified, WebhookRequest, XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::secret::Secret;
@@ -325,6 +325,10 @@ impl Provider for Mailgun {
             tenants: verified,
             default_tenant,
             items: 1,
+            replay_claim: Some(ReplayClaim {
+                scope: REPLAY_SCOPE,
+                token: signed.token.to_string(),
+            }),
         })
     }
 

@@ -342,6 +342,7 @@ impl Provider for Mailjet {
             tenants: verified.into_iter().map(|(t, _)| t).collect(),
             default_tenant,
             items: items.len(),
+            ..Default::default()
         })
     }
 

@@ -93,6 +93,9 @@ pub trait ReplayGuard: Send + Sync + 'static {
         now_ms: i64,
         expires_at_ms: i64,
     ) -> Result<bool, ReplayGuardError>;
+
+    /// Forgets a token recorded by `first_use` whose request was then not accepted.
+    async fn release(&self, scope: &str, token: &str);
 }
 
 /// A bounded in-memory [`ReplayGuard`] for the embedded (single-process) deployment. Entries
@@ -133,6 +136,18 @@ impl MemoryReplayGuard {
     }
 }
 
+/// Length-prefixed so ("ab", "c") and ("a", "bc") never collide.
+fn replay_id(scope: &str, token: &str) -> [u8; 16] {
+    let digest = Sha256::new()
+        .chain_update((scope.len() as u64).to_le_bytes())
+        .chain_update(scope.as_bytes())
+        .chain_update(token.as_bytes())
+        .finalize();
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest[..16]);
+    id
+}
+
 #[async_trait]
 impl ReplayGuard for MemoryReplayGuard {
     async fn first_use(
@@ -142,14 +157,7 @@ impl ReplayGuard for MemoryReplayGuard {
         now_ms: i64,
         expires_at_ms: i64,
     ) -> Result<bool, ReplayGuardError> {
-        // Length-prefixed so ("ab", "c") and ("a", "bc") never collide.
-        let digest = Sha256::new()
-            .chain_update((scope.len() as u64).to_le_bytes())
-            .chain_update(scope.as_bytes())
-            .chain_update(token.as_bytes())
-            .finalize();
-        let mut id = [0u8; 16];
-        id.copy_from_slice(&digest[..16]);
+        let id = replay_id(scope, token);
         let mut st = self
             .state
             .lock()
@@ -171,6 +179,15 @@ impl ReplayGuard for MemoryReplayGuard {
         st.by_expiry.insert((expires_at_ms, id));
         Ok(true)
     }
+
+    async fn release(&self, scope: &str, token: &str) {
+        let id = replay_id(scope, token);
+        if let Ok(mut st) = self.state.lock() {
+            if let Some(exp) = st.expires.remove(&id) {
+                st.by_expiry.remove(&(exp, id));
+            }
+        }
+    }
 }
 
 /// A provider's parsed credentials for one tenant, prepared once at load (e.g. a decoded key).
@@ -186,12 +203,23 @@ pub struct WebhookRequest<'a> {
 }
 
 /// Who a verified request may write for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Verified {
     pub tenants: Vec<String>,
     pub default_tenant: Option<String>,
     /// Items in the body, for the response and metrics.
     pub items: usize,
+    /// A single-use token this request spent; ingress gives it back if the request is not
+    /// accepted after all (log unavailable), so the ESP's retry of the same request is not
+    /// mistaken for a replay.
+    pub replay_claim: Option<ReplayClaim>,
+}
+
+/// A `(scope, token)` recorded by a [`ReplayGuard`] during verification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplayClaim {
+    pub scope: &'static str,
+    pub token: String,
 }
 
 /// Why a request is refused. The message is for a person and says what to fix; `code` is
@@ -433,5 +461,31 @@ mod tests {
         assert_eq!(g.first_use("mailgun", "a", 1_000, 9_000).await, Ok(true));
         assert_eq!(g.len(), 1);
         assert_eq!(g.first_use("mailgun", "a", 8_999, 9_000).await, Ok(false));
+    }
+}
+
+#[cfg(test)]
+mod replay_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_released_token_can_be_used_again_and_others_cannot() {
+        let g = MemoryReplayGuard::new(10);
+        assert!(g.first_use("mailgun", "t1", 0, 1000).await.unwrap());
+        assert!(
+            !g.first_use("mailgun", "t1", 0, 1000).await.unwrap(),
+            "a replay"
+        );
+        assert!(
+            g.first_use("other", "t1", 0, 1000).await.unwrap(),
+            "scopes are apart"
+        );
+        g.release("mailgun", "t1").await;
+        assert!(
+            g.first_use("mailgun", "t1", 0, 1000).await.unwrap(),
+            "given back after a 503"
+        );
+        assert!(g.first_use("mailgun", "t2", 2000, 3000).await.unwrap());
+        assert_eq!(g.len(), 1, "expired entries are purged");
     }
 }

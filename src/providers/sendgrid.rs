@@ -193,6 +193,7 @@ impl Provider for SendGrid {
             tenants: verified,
             default_tenant,
             items,
+            ..Default::default()
         })
     }
 

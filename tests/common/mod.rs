@@ -49,6 +49,15 @@ impl SendGridSigner {
     }
 }
 
+/// HMAC-SHA256(key, timestamp || token), hex: Mailgun's webhook signature.
+pub fn mailgun_signature(key: &str, timestamp: &str, token: &str) -> String {
+    use hmac::{Hmac, Mac};
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(key.as_bytes()).unwrap();
+    mac.update(timestamp.as_bytes());
+    mac.update(token.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
 pub fn now_secs() -> i64 {
     chrono::Utc::now().timestamp()
 }
@@ -57,19 +66,32 @@ pub struct TenantSpec {
     pub id: &'static str,
     pub api_token: String,
     pub signer: Option<SendGridSigner>,
+    /// Mailgun HTTP webhook signing key.
+    pub mailgun_key: Option<String>,
+    /// Mailjet `(api_key, username, password)`.
+    pub mailjet: Option<(String, String, String)>,
 }
 
 impl TenantSpec {
+    /// A tenant with credentials for every provider.
     pub fn new(id: &'static str) -> Self {
         TenantSpec {
             id,
             api_token: format!("token-{id}-0123456789abcdef"),
             signer: Some(SendGridSigner::random()),
+            mailgun_key: Some(format!("mg-signing-key-{id}-{}", rand::random::<u64>())),
+            mailjet: Some((
+                format!("mjkey-{id}"),
+                format!("mj-{id}"),
+                format!("mj-password-{id}-{}", rand::random::<u32>()),
+            )),
         }
     }
     pub fn without_key(id: &'static str) -> Self {
         TenantSpec {
             signer: None,
+            mailgun_key: None,
+            mailjet: None,
             ..TenantSpec::new(id)
         }
     }
@@ -84,6 +106,15 @@ pub fn tenants_toml(tenants: &[TenantSpec]) -> String {
                 "[tenants.{}.sendgrid]\nverification_key = \"{}\"\n",
                 t.id,
                 sig.verification_key()
+            );
+        }
+        if let Some(k) = &t.mailgun_key {
+            s += &format!("[tenants.{}.mailgun]\nsigning_key = \"{k}\"\n", t.id);
+        }
+        if let Some((api_key, user, pass)) = &t.mailjet {
+            s += &format!(
+                "[tenants.{}.mailjet]\napi_key = \"{api_key}\"\nusername = \"{user}\"\npassword = \"{pass}\"\n",
+                t.id
             );
         }
     }
@@ -153,6 +184,61 @@ impl Harness {
         if let Some(r) = self.running.take() {
             r.stop().await;
         }
+    }
+
+    /// Posts raw bytes to a webhook route with extra headers.
+    pub async fn post_raw(
+        &self,
+        path: &str,
+        content_type: &str,
+        headers: &[(&str, String)],
+        body: Vec<u8>,
+    ) -> (u16, Value) {
+        let mut rb = self
+            .http
+            .post(format!("{}{}", self.base, path))
+            .header("content-type", content_type);
+        for (k, v) in headers {
+            rb = rb.header(*k, v);
+        }
+        let r = rb.body(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Wraps Mailgun `event-data` in a fresh `signature` block signed with `tenant`'s key.
+    pub fn mailgun_body(
+        &self,
+        tenant: &str,
+        event_data: &Value,
+        timestamp: i64,
+        token: &str,
+    ) -> Vec<u8> {
+        let key = self
+            .tenant(tenant)
+            .mailgun_key
+            .as_ref()
+            .expect("tenant has a Mailgun key");
+        let ts = timestamp.to_string();
+        let sig = mailgun_signature(key, &ts, token);
+        serde_json::to_vec(&serde_json::json!({
+            "signature": {"timestamp": ts, "token": token, "signature": sig},
+            "event-data": event_data,
+        }))
+        .unwrap()
+    }
+
+    /// The Basic auth header Mailjet sends from `https://user:pass@host/...`.
+    pub fn mailjet_auth(&self, tenant: &str) -> (&'static str, String) {
+        let (_, user, pass) = self
+            .tenant(tenant)
+            .mailjet
+            .as_ref()
+            .expect("tenant has Mailjet credentials");
+        (
+            "authorization",
+            format!("Basic {}", B64.encode(format!("{user}:{pass}"))),
+        )
     }
 
     /// Posts a SendGrid body signed by `tenant`'s key at `timestamp`.
