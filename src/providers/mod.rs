@@ -4,6 +4,7 @@
 //! fixtures under `tests/fixtures/<name>/`.
 
 pub mod sendgrid;
+pub mod ses;
 
 use std::any::Any;
 use std::collections::BTreeSet;
@@ -20,12 +21,15 @@ use crate::tenants::TenantSet;
 
 /// The adapters this build serves, by URL name. One line per ESP.
 pub fn registry(settings: &ProviderSettings) -> Vec<Arc<dyn Provider>> {
-    vec![Arc::new(sendgrid::SendGrid::new(settings))]
+    vec![
+        Arc::new(sendgrid::SendGrid::new(settings)),
+        Arc::new(ses::Ses::new(settings)),
+    ]
 }
 
 /// Providers of the published contract whose adapters have not landed yet: their routes exist
 /// and answer 404 with this reason rather than a bare "not found".
-pub const PLANNED: &[&str] = &["ses", "mailgun", "mailjet"];
+pub const PLANNED: &[&str] = &["mailgun", "mailjet"];
 
 /// Settings shared by the adapters.
 #[derive(Debug, Clone)]
@@ -126,6 +130,12 @@ pub trait Provider: Send + Sync + 'static {
     /// Pure: a stored envelope → events and dead letters. Must give the same output for the
     /// same envelope, forever (replays depend on it).
     fn normalize(&self, envelope: &RawEnvelope) -> Vec<Normalized>;
+
+    /// Amazon SNS subscription handshakes this adapter handled, for
+    /// `GET /api/admin/sns-confirmations`. Only adapters fed through SNS have any.
+    fn sns_confirmations(&self) -> Option<ses::SnsConfirmationReport> {
+        None
+    }
 }
 
 /// XSender's attribution metadata, as attached to every send.
@@ -190,14 +200,16 @@ pub fn attribute(
         }
         None => match &env.default_tenant {
             Some(t) => t.clone(),
-            None => return Err((
-                "unattributable",
-                format!(
+            None => {
+                return Err((
+                    "unattributable",
+                    format!(
                     "event names no xs_tenant and the request verified for several tenants {:?}; \
                          use the per-tenant URL /api/webhook/email/{}/{{tenant}}",
                     env.verified_tenants, env.provider
                 ),
-            )),
+                ))
+            }
         },
     };
     let dispatch_key = match &meta.dispatch {
