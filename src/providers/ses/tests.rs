@@ -1203,3 +1203,106 @@ fn display_names_in_destination_are_stripped() {
         "jane@example.com"
     );
 }
+
+// ---------------------------------------------------------------- through the HTTP stack
+
+/// The whole server (the production SES adapter, so no test trust and a real HTTPS client):
+/// SNS's `text/plain` is accepted, refusals carry their reason and write nothing, and the admin
+/// API lists confirmations. Nothing here needs the network: every request is refused before
+/// any certificate fetch.
+#[tokio::test]
+async fn webhook_route_refuses_with_reasons_writes_nothing_and_admin_lists_confirmations() {
+    use crate::log::NormalizerLog;
+    let dir = tempfile::tempdir().unwrap();
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!("[tenants.acme.ses]\ntopic_arns = [\"{LOCAL_TOPIC}\"]\n"),
+    )
+    .unwrap();
+    let admin = "admin-token-0123456789";
+    let cfg = crate::config::ServeConfig {
+        data_dir: dir.path().join("data"),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        tenants_file: Some(tenants),
+        admin_token: Some(crate::secret::Secret::new(admin.to_string())),
+        ..Default::default()
+    };
+    let running = crate::app::start(cfg).await.unwrap();
+    let base = format!("http://{}", running.addr);
+    let client = reqwest::Client::new();
+    let post = |body: String, ty: &'static str, ct: &'static str| {
+        client
+            .post(format!("{base}/api/webhook/email/ses"))
+            .header("content-type", ct)
+            .header(MESSAGE_TYPE_HEADER, ty)
+            .body(body)
+            .send()
+    };
+
+    let foreign = local_signed(
+        "SubscriptionConfirmation",
+        "https://evil.example.com/?Action=ConfirmSubscription",
+        &[],
+    );
+    let unknown_topic = local_signed(
+        "Notification",
+        "",
+        &[("TopicArn", "arn:aws:sns:us-east-1:123456789012:not-ours")],
+    );
+    let cases = [
+        (
+            foreign.to_string(),
+            "SubscriptionConfirmation",
+            "text/plain; charset=UTF-8",
+            401,
+            "SubscribeURL refused",
+        ),
+        (
+            unknown_topic.to_string(),
+            "Notification",
+            "application/json",
+            403,
+            "allow-list",
+        ),
+        (
+            "{}".to_string(),
+            "Notification",
+            "text/plain; charset=UTF-8",
+            400,
+            "'Type'",
+        ),
+        (
+            foreign.to_string(),
+            "SubscriptionConfirmation",
+            "application/x-www-form-urlencoded",
+            415,
+            "text/plain",
+        ),
+    ];
+    for (body, ty, ct, status, needle) in cases {
+        let r = post(body, ty, ct).await.unwrap();
+        assert_eq!(r.status().as_u16(), status, "{needle}");
+        let text = r.text().await.unwrap();
+        assert!(text.contains(needle), "{text}");
+    }
+
+    let r = client
+        .get(format!("{base}/api/admin/sns-confirmations"))
+        .bearer_auth(admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["items"], serde_json::json!([]));
+    assert_eq!(v["counters"]["ses"]["confirmed"], 0);
+
+    running.stop().await;
+    let log = crate::log::sqlite::SqliteLog::open(
+        &dir.path().join("data").join("log.db"),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert!(log.read_envelopes(0, 10).await.unwrap().is_empty());
+}
