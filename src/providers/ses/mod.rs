@@ -20,7 +20,7 @@
 
 pub mod sns;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -30,6 +30,7 @@ use hyper::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
+use tokio::sync::OnceCell;
 
 use super::{
     attribute, dead, event_key, normalize_email, Credentials, Normalized, Provider,
@@ -53,6 +54,8 @@ pub const CERT_CACHE_ENTRIES: usize = 64;
 pub const CERT_CACHE_TTL: Duration = Duration::from_secs(3600);
 /// Confirmation records kept for the admin API.
 pub const CONFIRMATION_LOG_LEN: usize = 100;
+/// Confirmed subscription tokens remembered, so SNS's resends do not confirm again.
+pub const CONFIRMED_TOKENS: usize = 256;
 
 /// A tenant's SES section.
 #[derive(Debug, Deserialize)]
@@ -94,9 +97,6 @@ pub struct SnsConfirmation {
     /// The SubscriptionArn SNS answered with, or what went wrong.
     pub detail: String,
     pub message_id: String,
-    /// SHA-256 of the token (the token itself confirms a subscription: never shown).
-    #[serde(skip)]
-    token_hash: [u8; 32],
 }
 
 /// Counters of handshakes since start (a metrics endpoint will read these).
@@ -139,7 +139,16 @@ pub struct Ses {
     certs: CertCache,
     trust: Option<DangerousTestTrust>,
     confirmations: Mutex<VecDeque<SnsConfirmation>>,
+    /// Confirmations by SHA-256 of (topic, token): in flight or done.
+    confirmed: Mutex<HashMap<[u8; 32], TokenEntry>>,
     counters: SnsCounters,
+}
+
+type ConfirmResult = Result<String, FetchError>;
+
+struct TokenEntry {
+    cell: Arc<OnceCell<ConfirmResult>>,
+    created: std::time::Instant,
 }
 
 /// Stands in when the HTTP client cannot be built (no TLS backend): every request that needs
@@ -175,6 +184,7 @@ impl Ses {
             certs: CertCache::new(CERT_CACHE_ENTRIES, CERT_CACHE_TTL),
             trust: None,
             confirmations: Mutex::new(VecDeque::new()),
+            confirmed: Mutex::new(HashMap::new()),
             counters: SnsCounters::default(),
         }
     }
@@ -219,16 +229,60 @@ impl Ses {
         log.truncate(CONFIRMATION_LOG_LEN);
     }
 
-    /// Confirms a verified SubscriptionConfirmation of an allowed topic. SNS resends the same
-    /// confirmation until it is answered; a token already confirmed is not fetched again.
+    /// The confirmation of one token: one GET however many copies of the message arrive, even
+    /// at once. A success stays (SNS resends a confirmation it thinks went unanswered; it must
+    /// not cause a second GET), a failure is forgotten so SNS's retry tries again.
+    fn confirmation_cell(&self, token_hash: [u8; 32]) -> Arc<OnceCell<ConfirmResult>> {
+        let mut map = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&token_hash) {
+            return c.cell.clone();
+        }
+        while map.len() >= CONFIRMED_TOKENS {
+            let Some(oldest) = map.iter().min_by_key(|(_, c)| c.created).map(|(k, _)| *k) else {
+                break;
+            };
+            map.remove(&oldest);
+        }
+        let cell = Arc::new(OnceCell::new());
+        map.insert(
+            token_hash,
+            TokenEntry {
+                cell: cell.clone(),
+                created: std::time::Instant::now(),
+            },
+        );
+        cell
+    }
+
+    /// Confirms a verified SubscriptionConfirmation of an allowed topic, and records it.
     async fn confirm(
         &self,
         env: &Envelope,
         tenants: &[String],
         now_ms: i64,
     ) -> Result<(), Rejection> {
-        let token_hash: [u8; 32] =
-            Sha256::digest(env.token.as_deref().unwrap_or_default().as_bytes()).into();
+        let Some(url) = &env.subscribe_url else {
+            // Envelope::parse guarantees a SubscribeURL on confirmations.
+            return Err(Rejection::malformed(
+                "SubscriptionConfirmation has no SubscribeURL",
+            ));
+        };
+        // Keyed by topic and token: the token alone is what SubscribeURL carries.
+        let token_hash: [u8; 32] = Sha256::new()
+            .chain_update(env.topic.arn.as_bytes())
+            .chain_update([0])
+            .chain_update(env.token.as_deref().unwrap_or_default().as_bytes())
+            .finalize()
+            .into();
+        let cell = self.confirmation_cell(token_hash);
+        let mut fetched_here = false;
+        let result = cell
+            .get_or_init(|| {
+                fetched_here = true;
+                self.http.confirm_subscription(url)
+            })
+            .await
+            .clone();
         let rec = |outcome, detail: String| SnsConfirmation {
             message_type: env.kind,
             topic_arn: env.topic.arn.clone(),
@@ -237,28 +291,16 @@ impl Ses {
             outcome,
             detail,
             message_id: env.message_id.clone(),
-            token_hash,
         };
-        let already = self.log().iter().any(|c| {
-            c.outcome == ConfirmationOutcome::Confirmed
-                && c.token_hash == token_hash
-                && c.topic_arn == env.topic.arn
-        });
-        if already {
-            tracing::info!(topic = %env.topic.arn, ?tenants, "SNS subscription already confirmed; not fetching SubscribeURL again");
-            self.record(rec(
-                ConfirmationOutcome::AlreadyConfirmed,
-                "confirmed earlier with this token".into(),
-            ));
-            return Ok(());
-        }
-        let Some(url) = &env.subscribe_url else {
-            // Envelope::parse guarantees a SubscribeURL on confirmations.
-            return Err(Rejection::malformed(
-                "SubscriptionConfirmation has no SubscribeURL",
-            ));
-        };
-        match self.http.confirm_subscription(url).await {
+        match result {
+            Ok(_) if !fetched_here => {
+                tracing::info!(topic = %env.topic.arn, ?tenants, "SNS subscription already confirmed with this token; SubscribeURL not fetched again");
+                self.record(rec(
+                    ConfirmationOutcome::AlreadyConfirmed,
+                    "confirmed earlier with this token".into(),
+                ));
+                Ok(())
+            }
             Ok(body) => {
                 let arn = xml_text(&body, "SubscriptionArn").unwrap_or_default();
                 tracing::info!(topic = %env.topic.arn, ?tenants, subscription = %arn, "SNS subscription confirmed");
@@ -266,8 +308,19 @@ impl Ses {
                 Ok(())
             }
             Err(e) => {
+                {
+                    let mut map = self.confirmed.lock().unwrap_or_else(|e| e.into_inner());
+                    if map
+                        .get(&token_hash)
+                        .is_some_and(|c| Arc::ptr_eq(&c.cell, &cell))
+                    {
+                        map.remove(&token_hash);
+                    }
+                }
                 tracing::warn!(topic = %env.topic.arn, ?tenants, error = %e, "SNS subscription confirmation failed; SNS will retry");
-                self.record(rec(ConfirmationOutcome::Failed, e.to_string()));
+                if fetched_here {
+                    self.record(rec(ConfirmationOutcome::Failed, e.to_string()));
+                }
                 let (status, code) = match e {
                     FetchError::Unavailable(_) => {
                         (StatusCode::SERVICE_UNAVAILABLE, "confirm_unavailable")
@@ -428,7 +481,6 @@ impl Provider for Ses {
                     detail: "never confirmed: its SubscribeURL would re-subscribe the endpoint"
                         .into(),
                     message_id: env.message_id.clone(),
-                    token_hash: [0; 32],
                 });
             }
         }

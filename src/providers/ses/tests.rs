@@ -452,6 +452,35 @@ async fn a_failed_confirmation_is_5xx_so_sns_retries_and_is_recorded() {
     let report = ses.sns_confirmations().unwrap();
     assert_eq!(report.items[0].outcome, ConfirmationOutcome::Failed);
     assert_eq!(report.counters.confirm_failed, 1);
+    // A failure is not remembered: SNS's resend tries again.
+    assert!(verify_msg(&ses, &set, &m).await.is_err());
+    assert_eq!(http.calls().1, 2);
+    assert_eq!(ses.counters().confirm_failed, 2);
+}
+
+#[tokio::test]
+async fn concurrent_copies_of_a_confirmation_share_one_get() {
+    let sns = start_stand_in_sns().await;
+    let trust = DangerousTestTrust::new(&sns.origin, sns.root_der.clone()).unwrap();
+    let mut fake = FakeHttp::new();
+    fake.confirm_via = Some(ReqwestSnsHttp::with_dangerous_test_trust(&trust).unwrap());
+    let http = Arc::new(fake);
+    let ses = Arc::new(ses_with(http.clone()).with_dangerous_test_trust(trust));
+    let set = Arc::new(tenant_set(&[("acme", &[LOCAL_TOPIC])]));
+    let m = local_signed("SubscriptionConfirmation", &confirm_url(&sns.origin), &[]);
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let (ses, set, m) = (ses.clone(), set.clone(), m.clone());
+            tokio::spawn(async move { verify_msg(&ses, &set, &m).await })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(sns.requests.lock().unwrap().len(), 1);
+    assert_eq!(http.calls(), (1, 1));
+    let c = ses.counters();
+    assert_eq!((c.confirmed, c.already_confirmed), (1, 7));
 }
 
 #[tokio::test]
