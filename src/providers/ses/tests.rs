@@ -1335,3 +1335,57 @@ async fn webhook_route_refuses_with_reasons_writes_nothing_and_admin_lists_confi
     .unwrap();
     assert!(log.read_envelopes(0, 10).await.unwrap().is_empty());
 }
+
+// ---------------------------------------------------------------- no panics on any input
+
+fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        "[a-z@. <>0-9:-]{0,24}".prop_map(Value::String),
+        Just(Value::String("2026-01-02T03:04:05Z".into())),
+        Just(Value::String("a@example.com".into())),
+    ];
+    leaf.prop_recursive(3, 24, 4, |inner| {
+        prop_oneof![
+            proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+            proptest::collection::btree_map(
+                prop_oneof![
+                    Just("emailAddress".to_string()),
+                    Just("timestamp".to_string()),
+                    Just("destination".to_string()),
+                    Just("bouncedRecipients".to_string()),
+                    Just("recipients".to_string()),
+                    Just("tags".to_string()),
+                    Just("xs_tenant".to_string()),
+                    Just("bounceType".to_string()),
+                    "[a-z]{1,6}".prop_map(|s| s),
+                ],
+                inner,
+                0..4
+            )
+            .prop_map(|m| Value::Object(m.into_iter().collect())),
+        ]
+    })
+}
+
+proptest::proptest! {
+    #[test]
+    fn normalize_and_parse_never_panic(
+        ty in proptest::sample::select(vec!["Send", "Delivery", "Bounce", "Complaint", "Open", "Click", "Reject", "DeliveryDelay", "Rendering Failure", "Subscription", "Future"]),
+        mail in arb_json(),
+        detail in arb_json(),
+        bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256),
+        text in ".{0,64}",
+    ) {
+        let key = match ty { "Rendering Failure" => "failure", "DeliveryDelay" => "deliveryDelay", t => t };
+        let record = serde_json::json!({"eventType": ty, "mail": mail, key.to_lowercase(): detail.clone(), key: detail});
+        let _ = normalize(&record_env(&record));
+        let _ = normalize(&notification(&text));
+        let _ = normalize(&RawEnvelope { body: bytes.clone(), ..notification("") });
+        let _ = Envelope::parse(&bytes, &HeaderMap::new());
+        let _ = Envelope::parse(text.as_bytes(), &HeaderMap::new());
+    }
+}
