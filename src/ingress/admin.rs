@@ -168,6 +168,29 @@ pub async fn handle(state: &AppState, rest: &[&str], req: Request<Incoming>) -> 
                 e.to_string(),
             ),
         },
-        _ => http::not_found("unknown admin route: tenants[/{id}], dead-letters, projections"),
+        (["sns-confirmations"], &Method::GET) => {
+            // Newest first across the SNS-fed adapters (today: ses).
+            let mut items = Vec::new();
+            let mut counters = serde_json::Map::new();
+            for (name, p) in &state.providers {
+                if let Some(r) = p.sns_confirmations() {
+                    items.extend(r.items.into_iter().map(|c| (name, c)));
+                    counters.insert(name.to_string(), json!(r.counters));
+                }
+            }
+            items.sort_by_key(|(_, c)| std::cmp::Reverse(c.at_ms));
+            let items: Vec<Value> = items
+                .iter()
+                .map(|(p, c)| json!({"provider": p, "type": c.message_type, "topic_arn": c.topic_arn, "tenants": c.tenants, "time": http::time(Some(c.at_ms)), "outcome": c.outcome, "detail": c.detail, "message_id": c.message_id}))
+                .collect();
+            http::json(
+                StatusCode::OK,
+                &json!({"items": items, "counters": counters}),
+            )
+        }
+        (["sns-confirmations"], _) => http::method_not_allowed("GET"),
+        _ => http::not_found(
+            "unknown admin route: tenants[/{id}], dead-letters, projections, sns-confirmations",
+        ),
     }
 }

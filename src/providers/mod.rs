@@ -6,6 +6,7 @@
 pub mod mailgun;
 pub mod mailjet;
 pub mod sendgrid;
+pub mod ses;
 
 use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
@@ -26,12 +27,20 @@ pub fn registry(settings: &ProviderSettings) -> Vec<Arc<dyn Provider>> {
         Arc::new(sendgrid::SendGrid::new(settings)),
         Arc::new(mailgun::Mailgun::new(settings)),
         Arc::new(mailjet::Mailjet::new(settings)),
+        Arc::new(ses::Ses::new(settings)),
     ]
 }
 
 /// Providers of the published contract whose adapters have not landed yet: their routes exist
 /// and answer 404 with this reason rather than a bare "not found".
-pub const PLANNED: &[&str] = &["ses"];
+pub const PLANNED: &[&str] = &[
+    "postmark",
+    "sparkpost",
+    "resend",
+    "brevo",
+    "mandrill",
+    "postal",
+];
 
 /// Settings shared by the adapters.
 #[derive(Clone)]
@@ -284,6 +293,12 @@ pub trait Provider: Send + Sync + 'static {
     /// Pure: a stored envelope → events and dead letters. Must give the same output for the
     /// same envelope, forever (replays depend on it).
     fn normalize(&self, envelope: &RawEnvelope) -> Vec<Normalized>;
+
+    /// Amazon SNS subscription handshakes this adapter handled, for
+    /// `GET /api/admin/sns-confirmations`. Only adapters fed through SNS have any.
+    fn sns_confirmations(&self) -> Option<ses::SnsConfirmationReport> {
+        None
+    }
 }
 
 /// XSender's attribution metadata, as attached to every send.
