@@ -28,6 +28,7 @@ use crate::tenants::{SqliteTenantStore, TenantDirectory, TenantsFile};
 /// A running server; dropping it does not stop it: call [`Running::stop`].
 pub struct Running {
     pub addr: SocketAddr,
+    readiness_drain: Duration,
     pub state: Arc<AppState>,
     log: Arc<SqliteLog>,
     trigger: Trigger,
@@ -61,6 +62,7 @@ impl Running {
     /// Graceful stop: readiness off, stop accepting, finish in-flight requests, stop stages.
     pub async fn stop(self) {
         self.state.ready.store(false, Ordering::Relaxed);
+        tokio::time::sleep(self.readiness_drain).await;
         self.trigger.fire();
         for t in self.tasks {
             let _ = t.await;
@@ -113,6 +115,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         NonZeroU32::new(cfg.rate_limit_per_second).context("rate_limit_per_second")?,
         NonZeroU32::new(cfg.rate_limit_burst).context("rate_limit_burst")?,
     );
+    let metrics = Arc::new(crate::telemetry::Metrics::new());
     let state = Arc::new(AppState {
         providers: providers
             .iter()
@@ -120,6 +123,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
             .collect::<HashMap<_, _>>(),
         tenants,
         envelopes: Arc::new(log.clone()),
+        normalizer_log: Arc::new(log.clone()),
         events: Arc::new(log.clone()),
         dead_letters: Arc::new(log.clone()),
         projections: projections.clone(),
@@ -127,6 +131,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         limiter,
         admin_token: cfg.admin_token.clone(),
         max_body_bytes: cfg.max_body_bytes,
+        metrics: metrics.clone(),
         ready: false.into(),
     });
 
@@ -138,11 +143,13 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         shutdown.clone(),
         Duration::from_secs(cfg.shutdown_grace_secs),
     )));
-    tasks.push(tokio::spawn(Normalizer::new(&providers).run(
-        Arc::new(log.clone()),
-        cfg.normalizer_batch,
-        shutdown.clone(),
-    )));
+    tasks.push(tokio::spawn(
+        Normalizer::new(&providers, metrics.clone()).run(
+            Arc::new(log.clone()),
+            cfg.normalizer_batch,
+            shutdown.clone(),
+        ),
+    ));
     tasks.push(tokio::spawn(projector::run(
         Arc::new(log.clone()),
         projections,
@@ -164,6 +171,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
     tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "xsender-events serving");
     Ok(Running {
         addr,
+        readiness_drain: Duration::from_secs(cfg.readiness_drain_secs),
         state,
         log,
         trigger,

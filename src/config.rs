@@ -37,6 +37,9 @@ pub struct ServeConfig {
     pub projector_batch: usize,
     /// On SIGTERM, how long in-flight requests get to finish.
     pub shutdown_grace_secs: u64,
+    /// On SIGTERM, how long `/readyz` answers 503 while still serving, before the listener
+    /// closes: time for load balancers (Kubernetes endpoints) to stop routing here.
+    pub readiness_drain_secs: u64,
 }
 
 impl Default for ServeConfig {
@@ -54,6 +57,7 @@ impl Default for ServeConfig {
             normalizer_batch: 256,
             projector_batch: 2000,
             shutdown_grace_secs: 20,
+            readiness_drain_secs: 0,
         }
     }
 }

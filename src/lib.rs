@@ -28,4 +28,5 @@ pub mod providers;
 pub mod secret;
 pub mod shutdown;
 pub mod stages;
+pub mod telemetry;
 pub mod tenants;

@@ -59,6 +59,12 @@ struct ServeArgs {
     /// Allowed clock distance of signed timestamps, seconds [default: 600].
     #[arg(long, env = "XSENDER_TIMESTAMP_TOLERANCE_SECS")]
     timestamp_tolerance_secs: Option<u64>,
+    /// On SIGTERM, seconds /readyz reports not-ready before the listener closes [default: 0].
+    #[arg(long, env = "XSENDER_READINESS_DRAIN_SECS")]
+    readiness_drain_secs: Option<u64>,
+    /// On SIGTERM, seconds in-flight requests get to finish [default: 20].
+    #[arg(long, env = "XSENDER_SHUTDOWN_GRACE_SECS")]
+    shutdown_grace_secs: Option<u64>,
 }
 
 #[derive(Args)]
@@ -112,6 +118,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     if let Some(v) = args.timestamp_tolerance_secs {
         cfg.timestamp_tolerance_secs = v;
+    }
+    if let Some(v) = args.readiness_drain_secs {
+        cfg.readiness_drain_secs = v;
+    }
+    if let Some(v) = args.shutdown_grace_secs {
+        cfg.shutdown_grace_secs = v;
     }
     let running = app::start(cfg).await?;
     // Tests and scripts read this line to learn the bound port.

@@ -26,7 +26,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::log::{DeadLetterLog, EnvelopeLog, EventLog};
+use crate::log::{DeadLetterLog, EnvelopeLog, EventLog, NormalizerLog};
 use crate::projection::ProjectionStore;
 use crate::providers::{Provider, ReplayGuard};
 use crate::secret::Secret;
@@ -39,6 +39,8 @@ pub struct AppState {
     pub providers: HashMap<&'static str, Arc<dyn Provider>>,
     pub tenants: Arc<TenantDirectory>,
     pub envelopes: Arc<dyn EnvelopeLog>,
+    /// The normalizer's view of the raw log, for lag metrics.
+    pub normalizer_log: Arc<dyn NormalizerLog>,
     pub events: Arc<dyn EventLog>,
     pub dead_letters: Arc<dyn DeadLetterLog>,
     pub projections: Arc<dyn ProjectionStore>,
@@ -47,6 +49,7 @@ pub struct AppState {
     pub limiter: ratelimit::Limiter,
     pub admin_token: Option<Secret>,
     pub max_body_bytes: usize,
+    pub metrics: Arc<crate::telemetry::Metrics>,
     /// False until the stages run, and again from the moment shutdown starts.
     pub ready: AtomicBool,
 }
@@ -59,6 +62,7 @@ pub async fn handle(state: Arc<AppState>, peer: SocketAddr, req: Request<Incomin
     match segs.as_slice() {
         ["api", "webhook", "email", provider] => webhook::handle(&state, provider, None, req).await,
         ["api", "webhook", "email", provider, tenant] => webhook::handle(&state, provider, Some(tenant), req).await,
+        ["metrics"] => metrics(&state).await,
         ["healthz"] => http::json(StatusCode::OK, &serde_json::json!({"status": "ok"})),
         ["readyz"] => {
             if state.ready.load(Ordering::Relaxed) {
@@ -80,6 +84,71 @@ pub async fn handle(state: Arc<AppState>, peer: SocketAddr, req: Request<Incomin
             req.method()
         )),
     }
+}
+
+/// `GET /metrics`: counters as they stand, lags computed now.
+async fn metrics(state: &AppState) -> Resp {
+    let m = &state.metrics;
+    let now = chrono::Utc::now().timestamp_millis();
+    let age = |received_at_ms: Option<i64>| {
+        received_at_ms
+            .map(|t| (now - t).max(0) as f64 / 1000.0)
+            .unwrap_or(0.0)
+    };
+    let nl = &state.normalizer_log;
+    if let (Ok(head), Ok(cp)) = (nl.envelope_head().await, nl.normalizer_checkpoint().await) {
+        let oldest = nl
+            .read_envelopes(cp, 1)
+            .await
+            .ok()
+            .and_then(|r| r.first().map(|r| r.value.received_at_ms));
+        m.set_lag("normalizer", head - cp, age(oldest));
+    }
+    if let (Ok(head), Ok(cp)) = (
+        state.events.head().await,
+        state.projections.checkpoint().await,
+    ) {
+        let oldest = state
+            .events
+            .read_events(cp, 1)
+            .await
+            .ok()
+            .and_then(|r| r.first().map(|r| r.value.received_at_ms));
+        m.set_lag("projector", head - cp, age(oldest));
+        m.events_log_head.set(head);
+    }
+    if let Ok(gens) = state.projections.generations().await {
+        for g in gens {
+            let l = crate::telemetry::GenerationLabels {
+                generation: g.generation.to_string(),
+            };
+            m.generation_checkpoint.get_or_create(&l).set(g.checkpoint);
+        }
+    }
+    for p in state.providers.values() {
+        if let Some(r) = p.sns_confirmations() {
+            let c = r.counters;
+            for (outcome, n) in [
+                ("confirmed", c.confirmed),
+                ("already_confirmed", c.already_confirmed),
+                ("failed", c.confirm_failed),
+                ("unsubscribe_not_confirmed", c.unsubscribe_not_confirmed),
+            ] {
+                let l = crate::telemetry::OutcomeLabels {
+                    outcome: outcome.to_string(),
+                };
+                m.sns_confirmations.get_or_create(&l).set(n as i64);
+            }
+        }
+    }
+    let mut r = hyper::Response::new(http_body_util::Full::new(bytes::Bytes::from(m.encode())));
+    r.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        ),
+    );
+    r
 }
 
 /// Serves until shutdown, then stops accepting, lets in-flight requests finish (bounded by

@@ -19,9 +19,29 @@ pub async fn handle(
     route_tenant: Option<&str>,
     req: Request<Incoming>,
 ) -> Resp {
-    match accept(state, provider_name, route_tenant, req).await {
-        Ok(r) => r,
+    // Label cardinality stays bounded: unknown provider names are counted together.
+    let label = if state.providers.contains_key(provider_name) {
+        provider_name
+    } else {
+        "unknown"
+    };
+    let mut bytes = 0usize;
+    let result = accept(state, provider_name, route_tenant, req, &mut bytes).await;
+    match result {
+        Ok(r) => {
+            state.metrics.request(
+                label,
+                if r.status().is_success() {
+                    "accepted"
+                } else {
+                    "method_not_allowed"
+                },
+                bytes,
+            );
+            r
+        }
         Err(rej) => {
+            state.metrics.request(label, rej.code, bytes);
             tracing::info!(provider = provider_name, code = rej.code, status = rej.status.as_u16(), reason = %rej.message, "webhook refused");
             let r = http::error(rej.status, rej.code, rej.message);
             if rej.status == StatusCode::SERVICE_UNAVAILABLE {
@@ -38,6 +58,7 @@ async fn accept(
     provider_name: &str,
     route_tenant: Option<&str>,
     req: Request<Incoming>,
+    bytes: &mut usize,
 ) -> Result<Resp, Rejection> {
     let Some(provider) = state.providers.get(provider_name) else {
         let known: Vec<&str> = state.providers.keys().copied().collect();
@@ -107,7 +128,11 @@ async fn accept(
     }
     let (parts, body) = req.into_parts();
     let body = match Limited::new(body, state.max_body_bytes).collect().await {
-        Ok(b) => b.to_bytes(),
+        Ok(b) => {
+            let b = b.to_bytes();
+            *bytes = b.len();
+            b
+        }
         Err(e)
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some() =>
@@ -141,7 +166,13 @@ async fn accept(
         content_type,
         body: body.to_vec(),
     };
-    match state.envelopes.append(&envelope).await {
+    let started = std::time::Instant::now();
+    let appended = state.envelopes.append(&envelope).await;
+    state
+        .metrics
+        .append_seconds
+        .observe(started.elapsed().as_secs_f64());
+    match appended {
         Ok(offset) => Ok(http::json(
             StatusCode::OK,
             &serde_json::json!({"status": "accepted", "id": envelope.id, "items": verified.items, "offset": offset}),

@@ -7,15 +7,51 @@ use crate::event::RawEnvelope;
 use crate::log::{NormalizedBatch, NormalizerLog, Record};
 use crate::providers::{dead, Normalized, Provider};
 use crate::shutdown::Shutdown;
+use crate::telemetry::{DeadLetterLabels, EventLabels, Metrics};
 
 pub struct Normalizer {
     providers: HashMap<&'static str, Arc<dyn Provider>>,
+    metrics: Arc<Metrics>,
 }
 
 impl Normalizer {
-    pub fn new(providers: &[Arc<dyn Provider>]) -> Self {
+    pub fn new(providers: &[Arc<dyn Provider>], metrics: Arc<Metrics>) -> Self {
         Normalizer {
             providers: providers.iter().map(|p| (p.name(), p.clone())).collect(),
+            metrics,
+        }
+    }
+
+    /// Tallies what a batch produced; applied with [`Normalizer::count`] only after the commit,
+    /// so a batch retried after a failed commit is not counted twice.
+    fn tally(
+        batch: &NormalizedBatch,
+    ) -> (HashMap<EventLabels, u64>, HashMap<DeadLetterLabels, u64>) {
+        let mut events = HashMap::new();
+        for (_, e) in &batch.events {
+            let l = EventLabels {
+                provider: e.provider.clone(),
+                kind: e.kind.as_str().to_string(),
+            };
+            *events.entry(l).or_insert(0) += 1;
+        }
+        let mut dead = HashMap::new();
+        for (_, d) in &batch.dead_letters {
+            let l = DeadLetterLabels {
+                provider: d.provider.clone(),
+                reason: d.reason.clone(),
+            };
+            *dead.entry(l).or_insert(0) += 1;
+        }
+        (events, dead)
+    }
+
+    fn count(&self, (events, dead): (HashMap<EventLabels, u64>, HashMap<DeadLetterLabels, u64>)) {
+        for (l, n) in events {
+            self.metrics.events.get_or_create(&l).inc_by(n);
+        }
+        for (l, n) in dead {
+            self.metrics.dead_letters.get_or_create(&l).inc_by(n);
         }
     }
 
@@ -39,7 +75,9 @@ impl Normalizer {
                 match item {
                     Normalized::Event(e) => batch.events.push((rec.offset, *e)),
                     Normalized::Dead(d) => {
-                        tracing::warn!(provider = %d.provider, reason = %d.reason, detail = %d.detail, "dead letter");
+                        // The detail can quote the item (addresses): it stays in the
+                        // dead-letter log, not in the logs.
+                        tracing::warn!(provider = %d.provider, reason = %d.reason, envelope = %d.envelope_id, "dead letter");
                         batch.dead_letters.push((rec.offset, d))
                     }
                 }
@@ -60,7 +98,10 @@ impl Normalizer {
                 if records.is_empty() {
                     return Ok::<bool, crate::log::LogError>(false);
                 }
-                log.commit_normalized(self.normalize(&records)).await?;
+                let batch = self.normalize(&records);
+                let tally = Self::tally(&batch);
+                log.commit_normalized(batch).await?;
+                self.count(tally);
                 Ok(true)
             };
             match step.await {
