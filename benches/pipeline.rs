@@ -77,6 +77,7 @@ fn sendgrid(c: &mut Criterion) {
                 };
                 let v = rt.block_on(sg.verify(&req, &tenants)).unwrap();
                 let env = RawEnvelope {
+                    trace_parent: None,
                     id: "e".into(),
                     provider: "sendgrid".into(),
                     received_at_ms: 0,
@@ -114,6 +115,7 @@ fn fold(c: &mut Criterion) {
         .unwrap()
         .clone();
     let env = RawEnvelope {
+        trace_parent: None,
         id: "e".into(),
         provider: "sendgrid".into(),
         received_at_ms: 0,
@@ -166,6 +168,7 @@ fn log(c: &mut Criterion) {
     .unwrap();
     let body = batch(100);
     let env = RawEnvelope {
+        trace_parent: None,
         id: "e".into(),
         provider: "sendgrid".into(),
         received_at_ms: 0,

@@ -127,6 +127,7 @@ mod tests {
     #[test]
     fn envelopes_round_trip_and_foreign_records_are_refused() {
         let env = RawEnvelope {
+            trace_parent: None,
             id: "abc".into(),
             provider: "sendgrid".into(),
             received_at_ms: 5,

@@ -20,6 +20,9 @@ pub struct RawEnvelope {
     pub content_type: Option<String>,
     #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
+    /// W3C `traceparent` of the ingress span, so the normalizer's and projector's spans join
+    /// the request's trace. `None` when tracing export is off.
+    pub trace_parent: Option<String>,
 }
 
 /// What happened to one email for one recipient, provider-neutral.
@@ -142,6 +145,8 @@ pub struct DeliveryEvent {
     pub machine: bool,
     /// Subscription group for group (un)subscribes.
     pub group_id: Option<String>,
+    /// W3C `traceparent` of the normalizer span that produced it (see [`RawEnvelope`]).
+    pub trace_parent: Option<String>,
 }
 
 impl DeliveryEvent {

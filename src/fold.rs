@@ -418,6 +418,7 @@ pub(crate) mod tests {
 
     pub fn ev(key: &str, dispatch: &str, kind: EventKind, at: i64) -> DeliveryEvent {
         DeliveryEvent {
+            trace_parent: None,
             event_key: key.to_string(),
             tenant: "t1".into(),
             provider: "sendgrid".into(),

@@ -163,3 +163,112 @@ impl Metrics {
         out
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Tracing: `tracing` spans, exported over OTLP when the standard `OTEL_*` variables ask for it.
+
+use std::collections::HashMap;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+/// Keeps the exporter alive; dropping it flushes the spans still buffered.
+pub struct TracingGuard {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            if let Err(e) = p.shutdown() {
+                eprintln!("flushing traces failed: {e}");
+            }
+        }
+    }
+}
+
+/// OTLP export is on when an endpoint is configured the standard way, unless the SDK is
+/// disabled or the traces exporter set to `none`.
+fn otlp_requested() -> bool {
+    let set = |k: &str| {
+        std::env::var(k)
+            .map(|v| !v.trim().is_empty())
+            .unwrap_or(false)
+    };
+    let is = |k: &str, v: &str| {
+        std::env::var(k)
+            .map(|x| x.trim().eq_ignore_ascii_case(v))
+            .unwrap_or(false)
+    };
+    (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+        && !is("OTEL_SDK_DISABLED", "true")
+        && !is("OTEL_TRACES_EXPORTER", "none")
+}
+
+/// Installs logging (text or JSON lines on stderr, `RUST_LOG` filter, default `info`) and, when
+/// requested by `OTEL_*`, OTLP/HTTP trace export (endpoint, headers, timeout, sampler and
+/// `OTEL_SERVICE_NAME` are read by the OpenTelemetry SDK from the same variables).
+pub fn init_tracing(json: bool) -> TracingGuard {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let provider = if otlp_requested() {
+        match opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+        {
+            Ok(exporter) => {
+                let mut resource = opentelemetry_sdk::Resource::builder();
+                if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+                    resource = resource.with_service_name("xsender-events");
+                }
+                Some(
+                    SdkTracerProvider::builder()
+                        .with_batch_exporter(exporter)
+                        .with_resource(resource.build())
+                        .build(),
+                )
+            }
+            Err(e) => {
+                eprintln!("OTLP trace export requested but not available: {e}");
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let otel = provider
+        .as_ref()
+        .map(|p| tracing_opentelemetry::layer().with_tracer(p.tracer("xsender-events")));
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    if json {
+        registry.with(fmt.json()).init();
+    } else {
+        registry.with(fmt).init();
+    }
+    TracingGuard { provider }
+}
+
+/// The W3C `traceparent` of the current span, when it is being exported.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove("traceparent")
+}
+
+/// Makes `span` a child of the span a stored `traceparent` names.
+pub fn set_parent(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(tp) = traceparent {
+        let carrier = HashMap::from([("traceparent".to_string(), tp.to_string())]);
+        let _ = span.set_parent(TraceContextPropagator::new().extract(&carrier));
+    }
+}

@@ -12,6 +12,7 @@ fn provider(name: &str) -> std::sync::Arc<dyn Provider> {
 
 fn envelope(provider: &str, body: Vec<u8>) -> RawEnvelope {
     RawEnvelope {
+        trace_parent: None,
         id: "env-1".into(),
         provider: provider.into(),
         received_at_ms: 1,

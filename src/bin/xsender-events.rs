@@ -83,19 +83,6 @@ struct RebuildArgs {
     drop_old: bool,
 }
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        b.json().init();
-    } else {
-        b.init();
-    }
-}
-
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = match &args.config {
         Some(p) => ServeConfig::load(p)?,
@@ -198,7 +185,8 @@ fn check_tenants(file: PathBuf) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_json);
+    // Flushes buffered spans when main returns.
+    let _tracing = xsender_events::telemetry::init_tracing(cli.log_json);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

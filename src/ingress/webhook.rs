@@ -7,6 +7,7 @@ use hyper::body::Incoming;
 use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{Method, Request, StatusCode};
 use rand::RngCore;
+use tracing::Instrument;
 
 use super::http::{self, Resp};
 use super::{require, AppState};
@@ -26,7 +27,26 @@ pub async fn handle(
         "unknown"
     };
     let mut bytes = 0usize;
-    let result = accept(state, provider_name, route_tenant, req, &mut bytes).await;
+    let span = tracing::info_span!(
+        "webhook",
+        provider = label,
+        tenant = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+        events = tracing::field::Empty,
+        bytes = tracing::field::Empty,
+    );
+    let result = accept(state, provider_name, route_tenant, req, &mut bytes)
+        .instrument(span.clone())
+        .await;
+    span.record("bytes", bytes);
+    span.record(
+        "outcome",
+        match &result {
+            Ok(r) if r.status().is_success() => "accepted",
+            Ok(_) => "method_not_allowed",
+            Err(rej) => rej.code,
+        },
+    );
     match result {
         Ok(r) => {
             state.metrics.request(
@@ -154,10 +174,14 @@ async fn accept(
         now_ms,
     };
     let verified = provider.verify(&wreq, &tenants).await?;
+    let span = tracing::Span::current();
+    span.record("tenant", verified.tenants.join(",").as_str());
+    span.record("events", verified.items);
 
     let mut id = [0u8; 16];
     rand::thread_rng().fill_bytes(&mut id);
     let envelope = RawEnvelope {
+        trace_parent: crate::telemetry::current_traceparent(),
         id: hex::encode(id),
         provider: provider.name().to_string(),
         received_at_ms: now_ms,

@@ -508,6 +508,7 @@ fn normalize_event(env: &RawEnvelope, item: &Value) -> Normalized {
     ]);
     let client = obj.get("client-info").and_then(Value::as_object);
     Normalized::Event(Box::new(DeliveryEvent {
+        trace_parent: None,
         event_key: key,
         tenant: attribution.tenant,
         provider: "mailgun".into(),
@@ -630,6 +631,7 @@ mod tests {
 
     fn env(body: impl Into<Vec<u8>>, verified: &[&str]) -> RawEnvelope {
         RawEnvelope {
+            trace_parent: None,
             id: "env1".into(),
             provider: "mailgun".into(),
             received_at_ms: 1,

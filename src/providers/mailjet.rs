@@ -474,6 +474,7 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
         bounce_class.map(BounceClass::as_str).unwrap_or(""),
     ]);
     Normalized::Event(Box::new(DeliveryEvent {
+        trace_parent: None,
         event_key: key,
         tenant: attribution.tenant,
         provider: "mailjet".into(),
@@ -579,6 +580,7 @@ mod tests {
 
     fn env(body: impl Into<Vec<u8>>, verified: &[&str]) -> RawEnvelope {
         RawEnvelope {
+            trace_parent: None,
             id: "env1".into(),
             provider: "mailjet".into(),
             received_at_ms: 1,

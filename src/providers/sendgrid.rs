@@ -345,6 +345,7 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
             .unwrap_or_default(),
     ]);
     Normalized::Event(Box::new(DeliveryEvent {
+        trace_parent: None,
         event_key: key,
         tenant: attribution.tenant,
         provider: "sendgrid".into(),

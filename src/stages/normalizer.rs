@@ -62,6 +62,18 @@ impl Normalizer {
             ..Default::default()
         };
         for rec in records {
+            // A span per traced envelope, joined to its request's trace; untraced envelopes
+            // (export off) cost nothing here.
+            let span = rec.value.trace_parent.as_deref().map(|tp| {
+                let span = tracing::info_span!("normalize", provider = %rec.value.provider, envelope = %rec.value.id, events = tracing::field::Empty);
+                crate::telemetry::set_parent(&span, Some(tp));
+                span
+            });
+            let _entered = span.as_ref().map(|s| s.enter());
+            let trace_parent = span
+                .as_ref()
+                .and_then(|_| crate::telemetry::current_traceparent());
+            let before = batch.events.len();
             let items = match self.providers.get(rec.value.provider.as_str()) {
                 Some(p) => p.normalize(&rec.value),
                 None => vec![dead(
@@ -73,7 +85,10 @@ impl Normalizer {
             };
             for item in items {
                 match item {
-                    Normalized::Event(e) => batch.events.push((rec.offset, *e)),
+                    Normalized::Event(mut e) => {
+                        e.trace_parent.clone_from(&trace_parent);
+                        batch.events.push((rec.offset, *e))
+                    }
                     Normalized::Dead(d) => {
                         // The detail can quote the item (addresses): it stays in the
                         // dead-letter log, not in the logs.
@@ -81,6 +96,9 @@ impl Normalizer {
                         batch.dead_letters.push((rec.offset, d))
                     }
                 }
+            }
+            if let Some(span) = &span {
+                span.record("events", batch.events.len() - before);
             }
         }
         batch

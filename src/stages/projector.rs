@@ -18,7 +18,25 @@ pub async fn step(
     let events = log.read_events(cp, batch_size).await?;
     let n = events.len();
     if n > 0 {
-        match store.apply(events).await {
+        // One span per traced request in the batch, each a child of the normalize span that
+        // produced its events, covering the transaction that folded them.
+        let mut traced: std::collections::BTreeMap<&str, usize> = Default::default();
+        for e in &events {
+            if let Some(tp) = e.value.trace_parent.as_deref() {
+                *traced.entry(tp).or_default() += 1;
+            }
+        }
+        let spans: Vec<tracing::Span> = traced
+            .into_iter()
+            .map(|(tp, count)| {
+                let span = tracing::info_span!("project", events = count, batch = n);
+                crate::telemetry::set_parent(&span, Some(tp));
+                span
+            })
+            .collect();
+        let result = store.apply(events).await;
+        drop(spans);
+        match result {
             // A rebuild switched generations between our read and write: read again.
             Err(StoreError::Gap { .. }) => return Ok(1),
             other => other?,

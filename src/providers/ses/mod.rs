@@ -880,6 +880,7 @@ fn ses_record(
                 feedback_id.unwrap_or(""),
             ]);
             Normalized::Event(Box::new(DeliveryEvent {
+                trace_parent: None,
                 event_key: key,
                 tenant: attribution.tenant,
                 provider: "ses".into(),

@@ -889,6 +889,7 @@ fn tenant_sections_are_checked() {
 
 fn raw(body: Value) -> RawEnvelope {
     RawEnvelope {
+        trace_parent: None,
         id: "env1".into(),
         provider: "ses".into(),
         received_at_ms: 1_700_000_000_000,
