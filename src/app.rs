@@ -219,26 +219,19 @@ pub async fn rebuild(
     let generation = store.create_generation(start).await?;
     let mut cp = start - 1;
     let mut events = 0u64;
-    let mut last_report = Instant::now();
     let total = (head - cp).max(0) as u64;
+    let mut bar = crate::progress::Progress::new("rebuild", total, progress);
     loop {
         let batch = log.read_events(cp, 5000).await?;
         let Some(last) = batch.last().map(|r| r.offset) else {
             break;
         };
         events += batch.len() as u64;
+        bar.advance(batch.len() as u64);
         store.apply_to(generation, batch).await?;
         cp = last;
-        if progress && last_report.elapsed() >= Duration::from_secs(1) {
-            last_report = Instant::now();
-            let rate = events as f64 / started.elapsed().as_secs_f64();
-            let left = total.saturating_sub(events) as f64 / rate.max(1.0);
-            eprintln!(
-                "rebuild: {events}/{total} events ({:.0}%), {rate:.0} events/s, ETA {left:.0}s",
-                100.0 * events as f64 / total.max(1) as f64
-            );
-        }
     }
+    bar.finish();
     // The final catch-up runs under the store's write lock, reading the log synchronously.
     let conn = Mutex::new(
         rusqlite::Connection::open(log.path()).context("opening the event log for the switch")?,

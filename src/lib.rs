@@ -24,6 +24,7 @@ pub mod fold;
 pub mod ingress;
 pub mod log;
 pub mod projection;
+pub mod progress;
 pub mod providers;
 pub mod secret;
 pub mod shutdown;
