@@ -16,6 +16,9 @@ for tool in openssl curl python3; do
   fi
 done
 
+need go "install Go (for the OpenTelemetry Collector used by the tracing test)"
+echo "== OpenTelemetry Collector (tools/otelcol, from the Go module proxy; cached)"
+scripts/otelcol.sh build
 echo "== build"
 cargo build --locked --release --bin xsender-events
 echo "== unit, property, end-to-end and process tests"

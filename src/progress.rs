@@ -7,7 +7,14 @@ use std::time::{Duration, Instant};
 pub enum Progress {
     Hidden,
     Bar(indicatif::ProgressBar),
-    Lines { what: &'static str, total: u64, done: u64, started: Instant, last: Instant, every: Duration },
+    Lines {
+        what: &'static str,
+        total: u64,
+        done: u64,
+        started: Instant,
+        last: Instant,
+        every: Duration,
+    },
 }
 
 impl Progress {
@@ -19,15 +26,24 @@ impl Progress {
         if std::io::stderr().is_terminal() {
             let bar = indicatif::ProgressBar::new(total);
             bar.set_style(
-                indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} ({per_sec}, ETA {eta})")
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                indicatif::ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {pos}/{len} ({per_sec}, ETA {eta})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar.set_message(what);
             Progress::Bar(bar)
         } else {
             let now = Instant::now();
-            Progress::Lines { what, total, done: 0, started: now, last: now, every: Duration::from_secs(5) }
+            Progress::Lines {
+                what,
+                total,
+                done: 0,
+                started: now,
+                last: now,
+                every: Duration::from_secs(5),
+            }
         }
     }
 
@@ -35,7 +51,14 @@ impl Progress {
         match self {
             Progress::Hidden => {}
             Progress::Bar(b) => b.inc(n),
-            Progress::Lines { what, total, done, started, last, every } => {
+            Progress::Lines {
+                what,
+                total,
+                done,
+                started,
+                last,
+                every,
+            } => {
                 *done += n;
                 if last.elapsed() >= *every {
                     *last = Instant::now();
@@ -64,6 +87,9 @@ pub fn line(what: &str, done: u64, total: u64, elapsed: Duration) -> String {
 mod tests {
     #[test]
     fn a_progress_line_has_count_rate_and_eta() {
-        assert_eq!(super::line("rebuild", 250, 1000, std::time::Duration::from_secs(5)), "rebuild: 250/1000 (25%), 50/s, ETA 15s");
+        assert_eq!(
+            super::line("rebuild", 250, 1000, std::time::Duration::from_secs(5)),
+            "rebuild: 250/1000 (25%), 50/s, ETA 15s"
+        );
     }
 }

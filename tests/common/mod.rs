@@ -429,10 +429,20 @@ pub async fn raw_http(base: &str, request: &[u8]) -> String {
 /// Starts the real binary, `xsender-events serve <args>`, in `cwd`; returns the child and its
 /// base URL (read from the "listening on" line).
 pub async fn spawn_server(cwd: &Path, args: &[&str]) -> (tokio::process::Child, String) {
+    spawn_server_with_env(cwd, args, &[]).await
+}
+
+/// [`spawn_server`] with extra environment variables.
+pub async fn spawn_server_with_env(
+    cwd: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (tokio::process::Child, String) {
     use tokio::io::{AsyncBufReadExt, BufReader};
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_xsender-events"))
         .arg("serve")
         .args(args)
+        .envs(env.iter().copied())
         .current_dir(cwd)
         .env_remove("XSENDER_LISTEN")
         .stdout(std::process::Stdio::null())
