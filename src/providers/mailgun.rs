@@ -26,8 +26,8 @@ use sha2::Sha256;
 
 use super::{
     attribute, body_prefix, check_timestamp, dead, event_key, normalize_email, scalar_string,
-    Credentials, Normalized, Provider, ProviderSettings, Rejection, ReplayClaim, ReplayGuard,
-    Verified, WebhookRequest, XsMeta,
+    str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection, ReplayClaim,
+    ReplayGuard, Verified, WebhookRequest, XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::secret::Secret;
@@ -98,13 +98,6 @@ struct Signed<'a> {
     signature: &'a str,
     /// Subaccount webhooks also carry the same pair signed with the primary account's key.
     parent_signature: Option<&'a str>,
-}
-
-fn str_field<'a>(obj: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    obj.get(k)
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
 }
 
 /// Checks the shape Mailgun always sends and extracts the signed fields. Every error here is

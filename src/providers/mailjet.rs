@@ -26,8 +26,9 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    attribute, body_prefix, dead, event_key, normalize_email, scalar_string, Credentials,
-    Normalized, Provider, ProviderSettings, Rejection, Verified, WebhookRequest, XsMeta,
+    attribute, body_prefix, dead, event_key, recipient_field, scalar_string, str_field,
+    Credentials, Normalized, Provider, ProviderSettings, Rejection, Verified, WebhookRequest,
+    XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::secret::Secret;
@@ -121,13 +122,6 @@ fn basic_auth(req: &WebhookRequest<'_>) -> Result<(Vec<u8>, Vec<u8>), Rejection>
         ))
     })?;
     Ok((decoded[..colon].to_vec(), decoded[colon + 1..].to_vec()))
-}
-
-fn str_field<'a>(obj: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    obj.get(k)
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
 }
 
 /// `time`: integer Unix seconds (a digit string is accepted too; old payloads quoted ids).
@@ -392,21 +386,9 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
         Ok(t) => t,
         Err(e) => return dead(env, "invalid_field", e, text()),
     };
-    let Some(email_raw) = str_field(obj, "email") else {
-        return dead(
-            env,
-            "missing_field",
-            format!("'{event}' event has no 'email'"),
-            text(),
-        );
-    };
-    let Some(recipient) = normalize_email(email_raw) else {
-        return dead(
-            env,
-            "invalid_field",
-            format!("'email' is not an address: {email_raw:?}"),
-            text(),
-        );
+    let recipient = match recipient_field(env, obj, "email", event, text) {
+        Ok(r) => r,
+        Err(dead) => return dead,
     };
     let msg_id = match message_id(obj) {
         Ok(m) => m,

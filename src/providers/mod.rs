@@ -456,6 +456,44 @@ pub fn body_prefix(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned()
 }
 
+/// A non-empty string field, trimmed.
+pub fn str_field<'a>(
+    obj: &'a serde_json::Map<String, serde_json::Value>,
+    k: &str,
+) -> Option<&'a str> {
+    obj.get(k)
+        .and_then(serde_json::Value::as_str)
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+}
+
+/// The recipient in field `key` of an event object, lower-cased, or the dead letter saying why
+/// there is none. `item` renders the offending item for the dead letter.
+pub fn recipient_field(
+    env: &RawEnvelope,
+    obj: &serde_json::Map<String, serde_json::Value>,
+    key: &str,
+    event: &str,
+    item: impl Fn() -> String,
+) -> Result<String, Normalized> {
+    let Some(raw) = str_field(obj, key) else {
+        return Err(dead(
+            env,
+            "missing_field",
+            format!("'{event}' event has no '{key}'"),
+            item(),
+        ));
+    };
+    normalize_email(raw).ok_or_else(|| {
+        dead(
+            env,
+            "invalid_field",
+            format!("'{key}' is not an address: {raw:?}"),
+            item(),
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -15,8 +15,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{
-    attribute, check_timestamp, dead, event_key, normalize_email, scalar_string, Credentials,
-    Normalized, Provider, ProviderSettings, Rejection, Verified, WebhookRequest, XsMeta,
+    attribute, body_prefix, check_timestamp, dead, event_key, recipient_field, scalar_string,
+    str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection, Verified,
+    WebhookRequest, XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::tenants::TenantSet;
@@ -206,7 +207,7 @@ impl Provider for SendGrid {
                     env,
                     "malformed_body",
                     "not a JSON array",
-                    lossy_prefix(&env.body),
+                    body_prefix(&env.body),
                 )]
             }
             Err(e) => {
@@ -214,23 +215,12 @@ impl Provider for SendGrid {
                     env,
                     "malformed_body",
                     e.to_string(),
-                    lossy_prefix(&env.body),
+                    body_prefix(&env.body),
                 )]
             }
         };
         items.iter().map(|item| normalize_item(env, item)).collect()
     }
-}
-
-fn lossy_prefix(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned()
-}
-
-fn str_field<'a>(obj: &'a serde_json::Map<String, Value>, k: &str) -> Option<&'a str> {
-    obj.get(k)
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
 }
 
 /// `sg_message_id` is `<X-Message-Id>.filter…`; async bounces carry only `smtp-id`
@@ -273,21 +263,9 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
             text(),
         );
     }
-    let Some(email_raw) = str_field(obj, "email") else {
-        return dead(
-            env,
-            "missing_field",
-            format!("'{event}' event has no 'email'"),
-            text(),
-        );
-    };
-    let Some(recipient) = normalize_email(email_raw) else {
-        return dead(
-            env,
-            "invalid_field",
-            format!("'email' is not an address: {email_raw:?}"),
-            text(),
-        );
+    let recipient = match recipient_field(env, obj, "email", event, text) {
+        Ok(r) => r,
+        Err(dead) => return dead,
     };
     let kind = match event {
         "processed" => EventKind::Sent,

@@ -33,8 +33,8 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::{
-    attribute, dead, event_key, normalize_email, Credentials, Normalized, Provider,
-    ProviderSettings, Rejection, Verified, WebhookRequest, XsMeta,
+    attribute, body_prefix, dead, event_key, normalize_email, str_field, Credentials, Normalized,
+    Provider, ProviderSettings, Rejection, Verified, WebhookRequest, XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::tenants::TenantSet;
@@ -501,7 +501,7 @@ impl Provider for Ses {
                     env,
                     "malformed_body",
                     "SNS envelope is not a JSON object",
-                    lossy_prefix(&env.body),
+                    body_prefix(&env.body),
                 )]
             }
             Err(e) => {
@@ -509,7 +509,7 @@ impl Provider for Ses {
                     env,
                     "malformed_body",
                     e.to_string(),
-                    lossy_prefix(&env.body),
+                    body_prefix(&env.body),
                 )]
             }
         };
@@ -522,7 +522,7 @@ impl Provider for Ses {
                     env,
                     "malformed_body",
                     format!("unexpected SNS Type {other:?}"),
-                    lossy_prefix(&env.body),
+                    body_prefix(&env.body),
                 )]
             }
         }
@@ -531,7 +531,7 @@ impl Provider for Ses {
                 env,
                 "missing_field",
                 "SNS Notification has no string 'Message'",
-                lossy_prefix(&env.body),
+                body_prefix(&env.body),
             )];
         };
         let sns_id = str_field(&obj, "MessageId");
@@ -544,17 +544,6 @@ impl Provider for Ses {
             counters: self.counters(),
         })
     }
-}
-
-fn lossy_prefix(body: &[u8]) -> String {
-    String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned()
-}
-
-fn str_field<'a>(obj: &'a Map<String, Value>, k: &str) -> Option<&'a str> {
-    obj.get(k)
-        .and_then(Value::as_str)
-        .map(str::trim)
-        .filter(|s| !s.is_empty())
 }
 
 fn obj_field<'a>(obj: &'a Map<String, Value>, k: &str) -> Option<&'a Map<String, Value>> {
