@@ -22,3 +22,5 @@ echo "== unit, property, end-to-end and process tests"
 cargo test --locked --all-targets
 echo "== README walk-through"
 BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/walkthrough.sh
+echo "== Helm chart: lint, render both modes, validate against the Kubernetes schemas"
+BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/check-helm.sh
