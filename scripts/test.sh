@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need, starts the services they use, runs every
-# test. Works on a fresh machine of this project's kind (Rust, Java, Python preinstalled;
+# test. Works on a fresh machine of this project's kind (Rust, Java, Python, Go preinstalled;
 # package registries reachable). CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
