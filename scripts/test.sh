@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The one test command: installs what the tests need, starts the services they use, runs every
-# test. Works on a fresh machine of this project's kind (Rust, Java, Python preinstalled;
+# test. Works on a fresh machine of this project's kind (Rust, Java, Python, Go preinstalled;
 # package registries reachable). CI (.ci/run) calls exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,3 +25,5 @@ echo "== unit, property, end-to-end and process tests"
 cargo test --locked --all-targets
 echo "== README walk-through"
 BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/walkthrough.sh
+echo "== Helm chart: lint, render both modes, validate against the Kubernetes schemas"
+BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/check-helm.sh
