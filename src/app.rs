@@ -80,6 +80,15 @@ pub fn provider_settings(cfg: &ServeConfig) -> ProviderSettings {
 
 /// Starts everything and returns once the server accepts connections.
 pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
+    start_with(cfg, registry).await
+}
+
+/// [`start`] with the adapters chosen by `providers` (given the shared settings): how tests put
+/// a fake certificate fetcher behind the SES adapter without any switch in production config.
+pub async fn start_with(
+    cfg: ServeConfig,
+    providers: impl FnOnce(&ProviderSettings) -> Vec<Arc<dyn crate::providers::Provider>>,
+) -> anyhow::Result<Running> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)
         .with_context(|| format!("cannot create data folder {}", cfg.data_dir.display()))?;
@@ -93,7 +102,7 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
             .context("opening projections")?,
     );
     let settings = provider_settings(&cfg);
-    let providers = registry(&settings);
+    let providers = providers(&settings);
     let file = match cfg.tenants_path() {
         Some(p) => {
             tracing::info!(path = %p.display(), "loading tenants file");

@@ -70,6 +70,8 @@ pub struct TenantSpec {
     pub mailgun_key: Option<String>,
     /// Mailjet `(api_key, username, password)`.
     pub mailjet: Option<(String, String, String)>,
+    /// SNS topics whose SES events belong to this tenant.
+    pub ses_topics: Vec<String>,
 }
 
 impl TenantSpec {
@@ -80,6 +82,7 @@ impl TenantSpec {
             api_token: format!("token-{id}-0123456789abcdef"),
             signer: Some(SendGridSigner::random()),
             mailgun_key: Some(format!("mg-signing-key-{id}-{}", rand::random::<u64>())),
+            ses_topics: Vec::new(),
             mailjet: Some((
                 format!("mjkey-{id}"),
                 format!("mj-{id}"),
@@ -110,6 +113,9 @@ pub fn tenants_toml(tenants: &[TenantSpec]) -> String {
         }
         if let Some(k) = &t.mailgun_key {
             s += &format!("[tenants.{}.mailgun]\nsigning_key = \"{k}\"\n", t.id);
+        }
+        if !t.ses_topics.is_empty() {
+            s += &format!("[tenants.{}.ses]\ntopic_arns = {:?}\n", t.id, t.ses_topics);
         }
         if let Some((api_key, user, pass)) = &t.mailjet {
             s += &format!(
@@ -144,6 +150,30 @@ pub fn config(dir: &Path, tenants_file: Option<PathBuf>) -> ServeConfig {
 }
 
 impl Harness {
+    /// The embedded default with the adapters `providers` builds (e.g. SES with a fake
+    /// certificate fetcher).
+    pub async fn embedded_with_providers(
+        tenants: Vec<TenantSpec>,
+        providers: impl FnOnce(
+            &xsender_events::providers::ProviderSettings,
+        ) -> Vec<std::sync::Arc<dyn xsender_events::providers::Provider>>,
+    ) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tenants.toml");
+        std::fs::write(&file, tenants_toml(&tenants)).unwrap();
+        let running = app::start_with(config(dir.path(), Some(file)), providers)
+            .await
+            .expect("server starts");
+        let base = format!("http://{}", running.addr);
+        Harness {
+            dir,
+            running: Some(running),
+            base,
+            http: reqwest::Client::new(),
+            tenants,
+        }
+    }
+
     /// The embedded default backend.
     pub async fn embedded(tenants: Vec<TenantSpec>) -> Harness {
         Self::embedded_with(tenants, |_| {}).await
