@@ -138,6 +138,7 @@ pub async fn start_with(
         projections: projections.clone(),
         replay_guard: settings.replay_guard.clone(),
         limiter,
+        trust_forwarded_for: cfg.trust_forwarded_for,
         admin_token: cfg.admin_token.clone(),
         max_body_bytes: cfg.max_body_bytes,
         metrics: metrics.clone(),

@@ -31,6 +31,10 @@ pub struct ServeConfig {
     pub rate_limit_per_second: u32,
     /// …and burst size.
     pub rate_limit_burst: u32,
+    /// Behind a load balancer every client has its address: set this to rate limit by the
+    /// left-most `X-Forwarded-For` address instead. Only when the proxy sets that header, or
+    /// clients could pick their own bucket.
+    pub trust_forwarded_for: bool,
     /// Envelopes the normalizer takes per step.
     pub normalizer_batch: usize,
     /// Events the projector folds per transaction.
@@ -54,6 +58,7 @@ impl Default for ServeConfig {
             append_timeout_ms: 10_000,
             rate_limit_per_second: 50,
             rate_limit_burst: 100,
+            trust_forwarded_for: false,
             normalizer_batch: 256,
             projector_batch: 2000,
             shutdown_grace_secs: 20,

@@ -586,6 +586,29 @@ async fn read_api_is_rate_limited_and_webhooks_are_not(_backend: Backend) {
         );
         assert_eq!(h.post_sendgrid("acme", body.as_bytes()).await.0, 200);
     }
+    // Behind a trusted proxy, clients are told apart by X-Forwarded-For.
+    let h2 = Harness::embedded_with(acme(), |c| {
+        c.rate_limit_per_second = 1;
+        c.rate_limit_burst = 2;
+        c.trust_forwarded_for = true;
+    })
+    .await;
+    let get = |ip: &'static str| {
+        h2.http
+            .get(format!("{}/api/v1/dispatches/x", h2.base))
+            .bearer_auth(&h2.tenant("acme").api_token)
+            .header("x-forwarded-for", ip)
+            .send()
+    };
+    for _ in 0..2 {
+        assert_eq!(get("203.0.113.1").await.unwrap().status(), 404);
+    }
+    assert_eq!(get("203.0.113.1").await.unwrap().status(), 429);
+    assert_eq!(
+        get("203.0.113.2, 10.0.0.1").await.unwrap().status(),
+        404,
+        "another client has its own bucket"
+    );
     // Probes are not rate limited either.
     for _ in 0..10 {
         assert_eq!(

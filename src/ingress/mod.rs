@@ -47,11 +47,31 @@ pub struct AppState {
     /// The providers' shared replay guard, to give back tokens of requests not accepted.
     pub replay_guard: Arc<dyn ReplayGuard>,
     pub limiter: ratelimit::Limiter,
+    /// Key the rate limiter on `X-Forwarded-For` (only behind a proxy that sets it).
+    pub trust_forwarded_for: bool,
     pub admin_token: Option<Secret>,
     pub max_body_bytes: usize,
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// False until the stages run, and again from the moment shutdown starts.
     pub ready: AtomicBool,
+}
+
+/// The client a request is rate limited as: the peer, or, behind a trusted proxy, the
+/// left-most address of `X-Forwarded-For`.
+fn client_ip(state: &AppState, peer: SocketAddr, req: &Request<Incoming>) -> std::net::IpAddr {
+    if state.trust_forwarded_for {
+        let forwarded = req
+            .headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok());
+        if let Some(ip) = forwarded
+            .and_then(|v| v.split(',').next())
+            .and_then(|s| s.trim().parse().ok())
+        {
+            return ip;
+        }
+    }
+    peer.ip()
 }
 
 /// Routes one request.
@@ -71,11 +91,11 @@ pub async fn handle(state: Arc<AppState>, peer: SocketAddr, req: Request<Incomin
                 http::error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "starting up or shutting down")
             }
         }
-        ["api", "v1", rest @ ..] => match state.limiter.check(peer.ip()) {
+        ["api", "v1", rest @ ..] => match state.limiter.check(client_ip(&state, peer, &req)) {
             Err(r) => r,
             Ok(()) => api::handle(&state, rest, req).await,
         },
-        ["api", "admin", rest @ ..] => match state.limiter.check(peer.ip()) {
+        ["api", "admin", rest @ ..] => match state.limiter.check(client_ip(&state, peer, &req)) {
             Err(r) => r,
             Ok(()) => admin::handle(&state, rest, req).await,
         },
