@@ -195,28 +195,49 @@ pub async fn serve(
             },
             _ = shutdown.wait() => break,
         };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let svc = service_fn(move |req| {
-            let state = state.clone();
-            async move { Ok::<_, Infallible>(handle(state, peer, req).await) }
-        });
-        let conn = conn_builder.serve_connection(TokioIo::new(stream), svc);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "connection ended with an error");
-            }
-        });
+        spawn_connection(&conn_builder, &graceful, &state, stream, peer);
     }
     state.ready.store(false, Ordering::Relaxed);
+    // Clients already queued in the kernel's backlog have connected: serve them too, or they
+    // would be reset without an answer when the listener closes.
+    while let Ok(Ok((stream, peer))) = tokio::time::timeout(Duration::ZERO, listener.accept()).await
+    {
+        spawn_connection(&conn_builder, &graceful, &state, stream, peer);
+    }
     drop(listener);
+    // hyper treats a connection that has not sent its request yet as idle and closes it on
+    // graceful shutdown; give the ones accepted a moment ago time to send theirs.
+    tokio::time::sleep(LINGER.min(drain)).await;
     if tokio::time::timeout(drain, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::warn!(?drain, "in-flight requests did not finish in time");
     }
+}
+
+/// How long freshly accepted connections get to send their request once shutdown starts.
+const LINGER: Duration = Duration::from_millis(500);
+
+fn spawn_connection(
+    builder: &http1::Builder,
+    graceful: &hyper_util::server::graceful::GracefulShutdown,
+    state: &Arc<AppState>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let _ = stream.set_nodelay(true);
+    let state = state.clone();
+    let svc = service_fn(move |req| {
+        let state = state.clone();
+        async move { Ok::<_, Infallible>(handle(state, peer, req).await) }
+    });
+    let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), svc));
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "connection ended with an error");
+        }
+    });
 }
 
 /// The methods a route answers, for 405s.
