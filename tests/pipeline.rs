@@ -559,12 +559,13 @@ async fn admin_api_manages_tenants_without_leaking_secrets(backend: Backend) {
 }
 
 /// The read API is rate limited per client; webhooks never are.
-async fn read_api_is_rate_limited_and_webhooks_are_not(_backend: Backend) {
-    let h = Harness::embedded_with(acme(), |c| {
-        c.rate_limit_per_second = 1;
-        c.rate_limit_burst = 3;
-    })
-    .await;
+async fn read_api_is_rate_limited_and_webhooks_are_not(backend: Backend) {
+    let h = backend
+        .start_with(acme(), |c| {
+            c.rate_limit_per_second = 1;
+            c.rate_limit_burst = 3;
+        })
+        .await;
     let mut codes = Vec::new();
     for _ in 0..6 {
         let r = h
@@ -646,7 +647,7 @@ async fn rebuild_while_serving_gives_identical_rows(backend: Backend) {
         })
     };
     let report = xsender_events::app::rebuild(
-        &h.data_dir(),
+        &h.config,
         xsender_events::app::RebuildFrom::Start,
         true,
         false,

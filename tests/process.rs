@@ -49,18 +49,48 @@ async fn serve_with_no_configuration_just_works() {
     // Only the port is chosen (8080 may be taken on a shared machine); nothing else is set.
     let (mut child, base) = spawn(dir.path(), &["--listen", "127.0.0.1:0"]).await;
     let http = reqwest::Client::new();
-    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
-    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
     for f in ["log.db", "projections.db", "tenants.db"] {
-        assert!(dir.path().join("data").join(f).exists(), "{f} created in ./data");
+        assert!(
+            dir.path().join("data").join(f).exists(),
+            "{f} created in ./data"
+        );
     }
     // With no tenant configured, webhooks fail closed and say how to fix it.
-    let r = http.post(format!("{base}/api/webhook/email/sendgrid")).header("content-type", "application/json").body("[]").send().await.unwrap();
+    let r = http
+        .post(format!("{base}/api/webhook/email/sendgrid"))
+        .header("content-type", "application/json")
+        .body("[]")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 401);
     // SIGTERM: a clean, prompt exit.
     let pid = child.id().unwrap() as i32;
-    std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits after SIGTERM").unwrap();
+    std::process::Command::new("kill")
+        .arg("-TERM")
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .unwrap();
     assert!(status.success(), "{status:?}");
 }
 
@@ -71,7 +101,12 @@ async fn sigkill_under_load_loses_no_accepted_event() {
     let token = "crash-test-token-0123456789";
     let tenants = dir.path().join("tenants.toml");
     std::fs::write(&tenants, format!("[tenants.acme]\napi_token = \"{token}\"\n[tenants.acme.sendgrid]\nverification_key = \"{}\"\n", signer.verification_key())).unwrap();
-    let args = ["--listen", "127.0.0.1:0", "--tenants", tenants.to_str().unwrap()];
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--tenants",
+        tenants.to_str().unwrap(),
+    ];
     let (mut child, base) = spawn(dir.path(), &args).await;
 
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));
@@ -106,7 +141,10 @@ async fn sigkill_under_load_loses_no_accepted_event() {
             }
         }));
     }
-    wait_until(Duration::from_secs(60), || async { accepted.lock().unwrap().len() >= 400 }).await;
+    wait_until(Duration::from_secs(60), || async {
+        accepted.lock().unwrap().len() >= 400
+    })
+    .await;
     child.start_kill().unwrap(); // SIGKILL: no shutdown code runs
     child.wait().await.unwrap();
     for w in workers {
@@ -130,5 +168,8 @@ async fn sigkill_under_load_loses_no_accepted_event() {
         })
         .await;
     }
-    eprintln!("{} accepted requests, all projected exactly once after SIGKILL + restart", accepted.len());
+    eprintln!(
+        "{} accepted requests, all projected exactly once after SIGKILL + restart",
+        accepted.len()
+    );
 }

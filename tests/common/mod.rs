@@ -13,7 +13,8 @@ use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::EncodePublicKey;
 use serde_json::Value;
 use xsender_events::app::{self, Running};
-use xsender_events::config::ServeConfig;
+use xsender_events::config::{ProjectionStoreKind, ServeConfig};
+use xsender_events::projection::cql::{self, CqlError, CqlSettings};
 use xsender_events::secret::Secret;
 
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
@@ -96,6 +97,8 @@ pub struct Harness {
     pub base: String,
     pub http: reqwest::Client,
     pub tenants: Vec<TenantSpec>,
+    /// What the server was started with (to rebuild or restart with the same store).
+    pub config: ServeConfig,
 }
 
 pub fn config(dir: &Path, tenants_file: Option<PathBuf>) -> ServeConfig {
@@ -122,12 +125,40 @@ impl Harness {
         tenants: Vec<TenantSpec>,
         tweak: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
+        Self::start_with(tenants, |_| {}, tweak).await
+    }
+
+    /// The cluster projection store: a fresh keyspace per test on the CQL node named by
+    /// `XSENDER_TEST_CQL` (default 127.0.0.1:9042), migrated like `xsender-events migrate`.
+    pub async fn cql_with(
+        tenants: Vec<TenantSpec>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
+        let keyspace = fresh_cql_keyspace().await;
+        Self::start_with(
+            tenants,
+            move |c| {
+                c.projection_store = ProjectionStoreKind::Cql;
+                c.cql_nodes = vec![cql_node()];
+                c.cql_keyspace = keyspace;
+            },
+            tweak,
+        )
+        .await
+    }
+
+    async fn start_with(
+        tenants: Vec<TenantSpec>,
+        store: impl FnOnce(&mut ServeConfig),
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tenants.toml");
         std::fs::write(&file, tenants_toml(&tenants)).unwrap();
         let mut cfg = config(dir.path(), Some(file));
+        store(&mut cfg);
         tweak(&mut cfg);
-        let running = app::start(cfg).await.expect("server starts");
+        let running = app::start(cfg.clone()).await.expect("server starts");
         let base = format!("http://{}", running.addr);
         Harness {
             dir,
@@ -135,6 +166,7 @@ impl Harness {
             base,
             http: reqwest::Client::new(),
             tenants,
+            config: cfg,
         }
     }
 
@@ -257,6 +289,36 @@ impl Harness {
     }
 }
 
+/// The CQL node the tests use.
+pub fn cql_node() -> String {
+    std::env::var("XSENDER_TEST_CQL").unwrap_or_else(|_| "127.0.0.1:9042".to_string())
+}
+
+/// Creates and migrates a keyspace no other test uses (like scylla-rust-driver's tests do).
+/// Fails, never skips, when no CQL node answers.
+pub async fn fresh_cql_keyspace() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let keyspace = format!(
+        "xs_test_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        rand::random::<u32>()
+    );
+    let settings = CqlSettings {
+        nodes: vec![cql_node()],
+        keyspace: keyspace.clone(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".to_string(),
+    };
+    match cql::migrate(&settings).await {
+        Ok(_) => keyspace,
+        Err(e @ CqlError::Connect { .. }) => panic!(
+            "the CQL tests need a CQL node at {} (XSENDER_TEST_CQL): run `scripts/cassandra.sh start` first ({e})",
+            cql_node()
+        ),
+        Err(e) => panic!("migrating test keyspace {keyspace}: {e}"),
+    }
+}
+
 /// Polls `cond` until it holds; panics with the elapsed time otherwise. A correctness wait,
 /// not a timing assertion: the bound only keeps a broken build from hanging.
 pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F)
@@ -310,18 +372,39 @@ macro_rules! backend_tests {
                 }
             )*
         }
+        /// Projections in Cassandra/ScyllaDB: needs `scripts/cassandra.sh start`.
+        mod cql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::common::Backend::Cql).await
+                }
+            )*
+        }
     };
 }
 
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
+    /// Everything in SQLite files.
     Embedded,
+    /// Projections in a CQL keyspace of their own; the log stays embedded.
+    Cql,
 }
 
 impl Backend {
     pub async fn start(self, tenants: Vec<TenantSpec>) -> Harness {
+        self.start_with(tenants, |_| {}).await
+    }
+
+    pub async fn start_with(
+        self,
+        tenants: Vec<TenantSpec>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
         match self {
-            Backend::Embedded => Harness::embedded(tenants).await,
+            Backend::Embedded => Harness::embedded_with(tenants, tweak).await,
+            Backend::Cql => Harness::cql_with(tenants, tweak).await,
         }
     }
 }
