@@ -33,8 +33,14 @@
 //!    the suppressions and the contacts. Suppression and contact merges are min/max merges, so
 //!    merging an event twice is harmless; campaign copies are derived from the dispatch row
 //!    and rewritten for every touched dispatch, so a lost copy is repaired by the replay.
-//! 4. Write the new `seen` claims (only after the rows: a claim without its row would make
-//!    the replay skip the event), then 5. the checkpoint.
+//! 4. Write the new `seen` claims, then 5. the checkpoint. A claim only ever makes the replay
+//!    skip the same key on *another* dispatch (which must be skipped anyway); for its own
+//!    dispatch the row's `applied` decides, so a claim whose row was lost loses nothing.
+//!
+//! `tests/cql_store.rs` kills a batch after some dispatch rows, before the claims and before
+//! the checkpoint, restarts with other batch boundaries, and compares every read with an
+//! uninterrupted run (and with the embedded store); moving the checkpoint write earlier makes
+//! it fail.
 //!
 //! `applied` grows with the distinct events of one dispatch (a handful of deliveries, opens and
 //! clicks in practice), which bounds the row.
