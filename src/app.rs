@@ -25,7 +25,9 @@ use crate::projection::ProjectionStore;
 use crate::providers::{registry, ProviderSettings};
 use crate::shutdown::{self, Trigger};
 use crate::stages::{normalizer::Normalizer, projector};
-use crate::tenants::{SqliteTenantStore, TenantDirectory, TenantsFile};
+use crate::tenants::{
+    CqlTenantStore, SqliteTenantStore, TenantDirectory, TenantStore, TenantsFile,
+};
 
 /// A running server; dropping it does not stop it: call [`Running::stop`].
 pub struct Running {
@@ -95,7 +97,17 @@ pub async fn start(cfg: ServeConfig) -> anyhow::Result<Running> {
         }
         None => None,
     };
-    let tenant_store = Arc::new(SqliteTenantStore::open(&cfg.data_dir.join("tenants.db"))?);
+    // In the cluster deployment tenants live beside the projections, shared by every `serve`.
+    let tenant_store: Arc<dyn TenantStore> = match cfg.projection_store {
+        ProjectionStoreKind::Sqlite => {
+            Arc::new(SqliteTenantStore::open(&cfg.data_dir.join("tenants.db"))?)
+        }
+        ProjectionStoreKind::Cql => Arc::new(
+            CqlTenantStore::open(&cfg.cql_settings())
+                .await
+                .context("opening the CQL tenant store")?,
+        ),
+    };
     let tenants = Arc::new(TenantDirectory::open(tenant_store, providers.clone(), file).await?);
     if tenants.snapshot().is_empty() {
         tracing::warn!("no tenants configured: every webhook will be refused (401) until one is added (tenants file or admin API)");

@@ -40,7 +40,8 @@ pub struct ServeConfig {
     pub shutdown_grace_secs: u64,
     /// Where projections (dispatch rows, suppressions, contacts) live: `"sqlite"` (embedded,
     /// `projections.db` in the data folder) or `"cql"` (ScyllaDB/Cassandra, see `cql_*`; run
-    /// `xsender-events migrate` first). The events log stays in the data folder either way.
+    /// `xsender-events migrate` first; tenants then persist in the same keyspace, shared by
+    /// every `serve`). The events log stays in the data folder either way.
     pub projection_store: ProjectionStoreKind,
     /// CQL contact points (`host:port`), with `projection_store = "cql"`.
     pub cql_nodes: Vec<String>,

@@ -513,9 +513,10 @@ async fn admin_api_manages_tenants_without_leaking_secrets(backend: Backend) {
         .0,
         200
     );
-    // Persisted: a restart on the same data folder keeps the tenant.
+    // Persisted: a restart with the same stores (and no tenants file) keeps the tenant.
     h.stop().await;
-    let cfg = common::config(h.dir.path(), None);
+    let mut cfg = h.config.clone();
+    cfg.tenants_file = None;
     h.running = Some(xsender_events::app::start(cfg).await.unwrap());
     h.base = format!("http://{}", h.running.as_ref().unwrap().addr);
     assert_eq!(

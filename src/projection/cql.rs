@@ -332,6 +332,46 @@ pub async fn migrate(settings: &CqlSettings) -> Result<Vec<i32>, CqlError> {
     Ok(applied)
 }
 
+/// Connects with the keyspace selected, after checking `migrate` has brought it to the schema
+/// this build needs (the error names the command to run).
+pub(crate) async fn connect_migrated(settings: &CqlSettings) -> Result<Session, CqlError> {
+    let session = connect(settings).await?;
+    let needed = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    let no_schema = || CqlError::NoSchema {
+        keyspace: settings.keyspace.clone(),
+        hint: settings.migrate_hint(),
+    };
+    if !keyspace_exists(&session, &settings.keyspace).await? {
+        return Err(no_schema());
+    }
+    session
+        .use_keyspace(&settings.keyspace, false)
+        .await
+        .map_err(|e| q("using the keyspace")(&e))?;
+    let found = applied_versions(&session)
+        .await
+        .map_err(|_| no_schema())?
+        .last()
+        .copied()
+        .unwrap_or(0);
+    if found < needed {
+        return Err(CqlError::SchemaBehind {
+            keyspace: settings.keyspace.clone(),
+            found,
+            needed,
+            hint: settings.migrate_hint(),
+        });
+    }
+    if found > needed {
+        return Err(CqlError::SchemaAhead {
+            keyspace: settings.keyspace.clone(),
+            found,
+            known: needed,
+        });
+    }
+    Ok(session)
+}
+
 /// A point in [`CqlProjections::apply`] where a test makes the batch fail as if the process had
 /// been killed there (the writes before it landed, none after).
 #[doc(hidden)]
@@ -415,40 +455,7 @@ impl CqlProjections {
     /// Connects and checks the schema; fails with the `migrate` command to run when the
     /// keyspace is missing or behind.
     pub async fn open(settings: &CqlSettings) -> Result<CqlProjections, CqlError> {
-        let session = connect(settings).await?;
-        let needed = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
-        let no_schema = || CqlError::NoSchema {
-            keyspace: settings.keyspace.clone(),
-            hint: settings.migrate_hint(),
-        };
-        if !keyspace_exists(&session, &settings.keyspace).await? {
-            return Err(no_schema());
-        }
-        session
-            .use_keyspace(&settings.keyspace, false)
-            .await
-            .map_err(|e| q("using the keyspace")(&e))?;
-        let found = applied_versions(&session)
-            .await
-            .map_err(|_| no_schema())?
-            .last()
-            .copied()
-            .unwrap_or(0);
-        if found < needed {
-            return Err(CqlError::SchemaBehind {
-                keyspace: settings.keyspace.clone(),
-                found,
-                needed,
-                hint: settings.migrate_hint(),
-            });
-        }
-        if found > needed {
-            return Err(CqlError::SchemaAhead {
-                keyspace: settings.keyspace.clone(),
-                found,
-                known: needed,
-            });
-        }
+        let session = connect_migrated(settings).await?;
         let p = |cql: &str, idem: bool| prepare(&session, cql.to_string(), idem);
         let meta = async {
             Ok::<_, StoreError>(Meta {
