@@ -232,9 +232,9 @@ async fn keyspace_exists(session: &Session, keyspace: &str) -> Result<bool, CqlE
     Ok(r.rows_num() > 0)
 }
 
-async fn applied_versions(session: &Session) -> Result<BTreeSet<i32>, CqlError> {
+async fn applied_versions(session: &Session, ks: &str) -> Result<BTreeSet<i32>, CqlError> {
     let r = session
-        .query_unpaged("SELECT version FROM schema_migrations", ())
+        .query_unpaged(format!("SELECT version FROM {ks}.schema_migrations"), ())
         .await
         .map_err(|e| q("reading schema_migrations")(&e))?
         .into_rows_result()
@@ -257,10 +257,16 @@ async fn run_ddl(session: &Session, cql: &str, what: &str) -> Result<(), CqlErro
     Ok(())
 }
 
-async fn create_generation_tables(session: &Session, g: Generation) -> Result<(), CqlError> {
+async fn create_generation_tables(
+    session: &Session,
+    ks: &str,
+    g: Generation,
+) -> Result<(), CqlError> {
     run_ddl(
         session,
-        &GENERATION_TABLES.replace("{g}", &g.to_string()),
+        &GENERATION_TABLES
+            .replace("{ks}", ks)
+            .replace("{g}", &g.to_string()),
         &format!("creating the tables of generation {g}"),
     )
     .await
@@ -292,7 +298,8 @@ pub async fn migrate(settings: &CqlSettings) -> Result<Vec<i32>, CqlError> {
         )
         .await
         .map_err(|e| q("creating schema_migrations")(&e))?;
-    let done = applied_versions(&session).await?;
+    let ks = &settings.keyspace;
+    let done = applied_versions(&session, ks).await?;
     let mut applied = Vec::new();
     for (version, name, cql) in MIGRATIONS {
         if done.contains(version) {
@@ -301,31 +308,42 @@ pub async fn migrate(settings: &CqlSettings) -> Result<Vec<i32>, CqlError> {
         run_ddl(&session, cql, &format!("applying {name}.cql")).await?;
         session
             .query_unpaged(
-                "INSERT INTO schema_migrations (version, name, applied_at_ms) VALUES (?, ?, ?)",
-                (*version, *name, chrono::Utc::now().timestamp_millis()),
+                // Literals, not bind values: this session has `USE` set for the unqualified
+                // schema files, and preparing on it draws an ambiguity warning.
+                format!(
+                    "INSERT INTO {ks}.schema_migrations (version, name, applied_at_ms) VALUES ({version}, '{name}', {})",
+                    chrono::Utc::now().timestamp_millis()
+                ),
+                (),
             )
             .await
             .map_err(|e| q("recording a migration")(&e))?;
         applied.push(*version);
     }
     let current = session
-        .query_unpaged("SELECT gen FROM projection_current WHERE id = 1", ())
+        .query_unpaged(
+            format!("SELECT gen FROM {ks}.projection_current WHERE id = 1"),
+            (),
+        )
         .await
         .map_err(|e| q("reading projection_current")(&e))?
         .into_rows_result()
         .map_err(|e| q("reading projection_current")(&e))?
         .rows_num();
     if current == 0 {
-        create_generation_tables(&session, 1).await?;
+        create_generation_tables(&session, ks, 1).await?;
         session
             .query_unpaged(
-                "INSERT INTO projection_generations (gen, checkpoint) VALUES (1, 0)",
+                format!("INSERT INTO {ks}.projection_generations (gen, checkpoint) VALUES (1, 0)"),
                 (),
             )
             .await
             .map_err(|e| q("creating generation 1")(&e))?;
         session
-            .query_unpaged("INSERT INTO projection_current (id, gen) VALUES (1, 1)", ())
+            .query_unpaged(
+                format!("INSERT INTO {ks}.projection_current (id, gen) VALUES (1, 1)"),
+                (),
+            )
             .await
             .map_err(|e| q("creating generation 1")(&e))?;
     }
@@ -344,11 +362,8 @@ pub(crate) async fn connect_migrated(settings: &CqlSettings) -> Result<Session, 
     if !keyspace_exists(&session, &settings.keyspace).await? {
         return Err(no_schema());
     }
-    session
-        .use_keyspace(&settings.keyspace, false)
-        .await
-        .map_err(|e| q("using the keyspace")(&e))?;
-    let found = applied_versions(&session)
+    // Statements name their keyspace (no `USE`): prepared statements stay unambiguous.
+    let found = applied_versions(&session, &settings.keyspace)
         .await
         .map_err(|_| no_schema())?
         .last()
@@ -416,6 +431,7 @@ struct GenStatements {
 
 pub struct CqlProjections {
     session: Arc<Session>,
+    keyspace: String,
     meta: Meta,
     gens: tokio::sync::Mutex<HashMap<Generation, Arc<GenStatements>>>,
     crash: std::sync::Mutex<Option<CrashPoint>>,
@@ -456,35 +472,48 @@ impl CqlProjections {
     /// keyspace is missing or behind.
     pub async fn open(settings: &CqlSettings) -> Result<CqlProjections, CqlError> {
         let session = connect_migrated(settings).await?;
-        let p = |cql: &str, idem: bool| prepare(&session, cql.to_string(), idem);
+        let ks = settings.keyspace.clone();
+        let p = |cql: &str, idem: bool| prepare(&session, cql.replace("{ks}", &ks), idem);
         let meta = async {
             Ok::<_, StoreError>(Meta {
-                current: p("SELECT gen FROM projection_current WHERE id = 1", true).await?,
+                current: p("SELECT gen FROM {ks}.projection_current WHERE id = 1", true).await?,
                 checkpoint: p(
-                    "SELECT checkpoint FROM projection_generations WHERE gen = ?",
+                    "SELECT checkpoint FROM {ks}.projection_generations WHERE gen = ?",
                     true,
                 )
                 .await?,
                 set_checkpoint: p(
-                    "UPDATE projection_generations SET checkpoint = ? WHERE gen = ?",
+                    "UPDATE {ks}.projection_generations SET checkpoint = ? WHERE gen = ?",
                     true,
                 )
                 .await?,
-                generations: p("SELECT gen, checkpoint FROM projection_generations", true).await?,
+                generations: p(
+                    "SELECT gen, checkpoint FROM {ks}.projection_generations",
+                    true,
+                )
+                .await?,
                 insert_generation: p(
-                    "INSERT INTO projection_generations (gen, checkpoint) VALUES (?, ?)",
+                    "INSERT INTO {ks}.projection_generations (gen, checkpoint) VALUES (?, ?)",
                     true,
                 )
                 .await?,
-                set_current: p("UPDATE projection_current SET gen = ? WHERE id = 1", true).await?,
-                delete_generation: p("DELETE FROM projection_generations WHERE gen = ?", true)
-                    .await?,
+                set_current: p(
+                    "UPDATE {ks}.projection_current SET gen = ? WHERE id = 1",
+                    true,
+                )
+                .await?,
+                delete_generation: p(
+                    "DELETE FROM {ks}.projection_generations WHERE gen = ?",
+                    true,
+                )
+                .await?,
             })
         }
         .await
         .map_err(|e| q("preparing statements")(&e))?;
         Ok(CqlProjections {
             session: Arc::new(session),
+            keyspace: settings.keyspace.clone(),
             meta,
             gens: Default::default(),
             crash: Default::default(),
@@ -515,27 +544,27 @@ impl CqlProjections {
         if let Some(s) = gens.get(&g) {
             return Ok(s.clone());
         }
-        let s = &self.session;
+        let (s, ks) = (&self.session, &self.keyspace);
         let st = Arc::new(GenStatements {
-            get_dispatch: prepare(s, format!("SELECT campaign_id, state, applied FROM dispatches_g{g} WHERE tenant = ? AND dispatch_key = ?"), true).await?,
-            put_dispatch: prepare(s, format!("INSERT INTO dispatches_g{g} (tenant, dispatch_key, campaign_id, status, state, applied) VALUES (?, ?, ?, ?, ?, ?)"), true).await?,
-            put_recipient: prepare(s, format!("INSERT INTO campaign_recipients_g{g} (tenant, campaign_id, dispatch_key, status, state) VALUES (?, ?, ?, ?, ?)"), true).await?,
-            del_recipient: prepare(s, format!("DELETE FROM campaign_recipients_g{g} WHERE tenant = ? AND campaign_id = ? AND dispatch_key = ?"), true).await?,
-            get_seen: prepare(s, format!("SELECT dispatch_key FROM seen_g{g} WHERE tenant = ? AND event_key = ?"), true).await?,
-            put_seen: prepare(s, format!("INSERT INTO seen_g{g} (tenant, event_key, dispatch_key) VALUES (?, ?, ?)"), true).await?,
-            get_suppression: prepare(s, format!("SELECT state FROM suppressions_g{g} WHERE tenant = ? AND email = ? AND reason = ?"), true).await?,
-            put_suppression: prepare(s, format!("INSERT INTO suppressions_g{g} (tenant, email, reason, state) VALUES (?, ?, ?, ?)"), true).await?,
-            get_contact: prepare(s, format!("SELECT state FROM contacts_g{g} WHERE tenant = ? AND email = ?"), true).await?,
-            put_contact: prepare(s, format!("INSERT INTO contacts_g{g} (tenant, email, state) VALUES (?, ?, ?)"), true).await?,
+            get_dispatch: prepare(s, format!("SELECT campaign_id, state, applied FROM {ks}.dispatches_g{g} WHERE tenant = ? AND dispatch_key = ?"), true).await?,
+            put_dispatch: prepare(s, format!("INSERT INTO {ks}.dispatches_g{g} (tenant, dispatch_key, campaign_id, status, state, applied) VALUES (?, ?, ?, ?, ?, ?)"), true).await?,
+            put_recipient: prepare(s, format!("INSERT INTO {ks}.campaign_recipients_g{g} (tenant, campaign_id, dispatch_key, status, state) VALUES (?, ?, ?, ?, ?)"), true).await?,
+            del_recipient: prepare(s, format!("DELETE FROM {ks}.campaign_recipients_g{g} WHERE tenant = ? AND campaign_id = ? AND dispatch_key = ?"), true).await?,
+            get_seen: prepare(s, format!("SELECT dispatch_key FROM {ks}.seen_g{g} WHERE tenant = ? AND event_key = ?"), true).await?,
+            put_seen: prepare(s, format!("INSERT INTO {ks}.seen_g{g} (tenant, event_key, dispatch_key) VALUES (?, ?, ?)"), true).await?,
+            get_suppression: prepare(s, format!("SELECT state FROM {ks}.suppressions_g{g} WHERE tenant = ? AND email = ? AND reason = ?"), true).await?,
+            put_suppression: prepare(s, format!("INSERT INTO {ks}.suppressions_g{g} (tenant, email, reason, state) VALUES (?, ?, ?, ?)"), true).await?,
+            get_contact: prepare(s, format!("SELECT state FROM {ks}.contacts_g{g} WHERE tenant = ? AND email = ?"), true).await?,
+            put_contact: prepare(s, format!("INSERT INTO {ks}.contacts_g{g} (tenant, email, state) VALUES (?, ?, ?)"), true).await?,
             recipients: {
-                let mut p = prepare(s, format!("SELECT status, state FROM campaign_recipients_g{g} WHERE tenant = ? AND campaign_id = ? AND dispatch_key > ?"), true).await?;
+                let mut p = prepare(s, format!("SELECT status, state FROM {ks}.campaign_recipients_g{g} WHERE tenant = ? AND campaign_id = ? AND dispatch_key > ?"), true).await?;
                 p.set_page_size(1000);
                 p
             },
-            recipients_limit: prepare(s, format!("SELECT state FROM campaign_recipients_g{g} WHERE tenant = ? AND campaign_id = ? AND dispatch_key > ? LIMIT ?"), true).await?,
-            suppressions_of: prepare(s, format!("SELECT state FROM suppressions_g{g} WHERE tenant = ? AND email = ?"), true).await?,
-            suppressions_first: prepare(s, format!("SELECT state FROM suppressions_g{g} WHERE tenant = ? LIMIT ?"), true).await?,
-            suppressions_after: prepare(s, format!("SELECT state FROM suppressions_g{g} WHERE tenant = ? AND (email, reason) > (?, ?) LIMIT ?"), true).await?,
+            recipients_limit: prepare(s, format!("SELECT state FROM {ks}.campaign_recipients_g{g} WHERE tenant = ? AND campaign_id = ? AND dispatch_key > ? LIMIT ?"), true).await?,
+            suppressions_of: prepare(s, format!("SELECT state FROM {ks}.suppressions_g{g} WHERE tenant = ? AND email = ?"), true).await?,
+            suppressions_first: prepare(s, format!("SELECT state FROM {ks}.suppressions_g{g} WHERE tenant = ? LIMIT ?"), true).await?,
+            suppressions_after: prepare(s, format!("SELECT state FROM {ks}.suppressions_g{g} WHERE tenant = ? AND (email, reason) > (?, ?) LIMIT ?"), true).await?,
         });
         gens.insert(g, st.clone());
         Ok(st)
@@ -1024,7 +1053,7 @@ impl ProjectionStore for CqlProjections {
             .max()
             .unwrap_or(0)
             + 1;
-        create_generation_tables(&self.session, g).await?;
+        create_generation_tables(&self.session, &self.keyspace, g).await?;
         self.session
             .execute_unpaged(&self.meta.insert_generation, (g, (start - 1).max(0)))
             .await
@@ -1081,7 +1110,10 @@ impl ProjectionStore for CqlProjections {
         for g in &old {
             for t in TABLES {
                 self.session
-                    .query_unpaged(format!("DROP TABLE IF EXISTS {t}_g{g}"), ())
+                    .query_unpaged(
+                        format!("DROP TABLE IF EXISTS {}.{t}_g{g}", self.keyspace),
+                        (),
+                    )
                     .await
                     .map_err(unavailable)?;
             }
@@ -1105,10 +1137,13 @@ mod tests {
         assert!(all
             .iter()
             .all(|s| s.starts_with("CREATE TABLE IF NOT EXISTS")));
-        let gen = statements(&GENERATION_TABLES.replace("{g}", "7"));
+        let gen = statements(&GENERATION_TABLES.replace("{ks}", "ks").replace("{g}", "7"));
         assert_eq!(gen.len(), TABLES.len());
         for t in TABLES {
-            assert!(gen.iter().any(|s| s.contains(&format!(" {t}_g7 ("))), "{t}");
+            assert!(
+                gen.iter().any(|s| s.contains(&format!(" ks.{t}_g7 ("))),
+                "{t}"
+            );
         }
     }
 

@@ -24,22 +24,26 @@ fn store_err(e: impl std::fmt::Display) -> TenantError {
 impl CqlTenantStore {
     pub async fn open(settings: &CqlSettings) -> Result<CqlTenantStore, CqlError> {
         let session = connect_migrated(settings).await?;
+        let ks = &settings.keyspace;
         let prepare = |cql: &'static str| {
-            let session = &session;
+            let (session, cql) = (&session, cql.replace("{ks}", ks));
             async move {
-                let mut p = session.prepare(cql).await.map_err(|e| CqlError::Query {
-                    what: format!("preparing `{cql}`"),
-                    message: e.to_string(),
-                })?;
+                let mut p = session
+                    .prepare(cql.as_str())
+                    .await
+                    .map_err(|e| CqlError::Query {
+                        what: format!("preparing `{cql}`"),
+                        message: e.to_string(),
+                    })?;
                 p.set_is_idempotent(true);
                 Ok::<_, CqlError>(p)
             }
         };
         Ok(CqlTenantStore {
-            load_all: prepare("SELECT id, config FROM tenants").await?,
-            get: prepare("SELECT id FROM tenants WHERE id = ?").await?,
-            put: prepare("INSERT INTO tenants (id, config) VALUES (?, ?)").await?,
-            delete: prepare("DELETE FROM tenants WHERE id = ?").await?,
+            load_all: prepare("SELECT id, config FROM {ks}.tenants").await?,
+            get: prepare("SELECT id FROM {ks}.tenants WHERE id = ?").await?,
+            put: prepare("INSERT INTO {ks}.tenants (id, config) VALUES (?, ?)").await?,
+            delete: prepare("DELETE FROM {ks}.tenants WHERE id = ?").await?,
             session,
         })
     }
