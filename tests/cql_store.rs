@@ -309,3 +309,42 @@ async fn open_names_the_migrate_command_when_the_schema_is_missing() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_names_the_migrate_command_when_the_schema_is_behind() {
+    let (settings, _store) = cql_store().await;
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_node(common::cql_node())
+        .build()
+        .await
+        .unwrap();
+    let last = xsender_events::projection::cql::MIGRATIONS
+        .last()
+        .unwrap()
+        .0;
+    session
+        .query_unpaged(
+            format!(
+                "DELETE FROM {}.schema_migrations WHERE version = {last}",
+                settings.keyspace
+            ),
+            (),
+        )
+        .await
+        .unwrap();
+    let err = CqlProjections::open(&settings)
+        .await
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains(&format!("needs {last}")) && err.contains("xsender-events migrate"),
+        "{err}"
+    );
+    // `migrate` brings it up to date again (its files are idempotent).
+    let applied = xsender_events::projection::cql::migrate(&settings)
+        .await
+        .unwrap();
+    assert_eq!(applied, vec![last]);
+    CqlProjections::open(&settings).await.unwrap();
+}

@@ -56,7 +56,18 @@
 //! any more, and on its next batch the projector reads the new generation's own checkpoint (or
 //! gets [`StoreError::Gap`] and re-reads), so the events the catch-up did not see are folded
 //! into the new generation by the live projector. One projector per generation is assumed
-//! (the single-writer design of `serve`); `drop_old` removes the other generations' tables.
+//! (the single-writer design of `serve`), and one rebuild at a time; `drop_old` removes the
+//! other generations' tables. A read that named the old generation just before the switch and
+//! reaches its tables after `drop_old` fails; it is then retried on the generation that is
+//! current now (see `on_current!`), so a rebuild with `--drop-old` fails no read. A projector
+//! batch that hits dropped tables fails and is retried from the new generation's checkpoint.
+//!
+//! # Partitions to watch
+//!
+//! `suppressions_g<N>` has one partition per tenant (the list is paginated per tenant), and the
+//! status filter of the recipients query is applied while paging through the campaign's
+//! partition; both are fine at XSender's sizes and would get a bucket column if a tenant's
+//! suppression list grew into the millions.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -429,6 +440,33 @@ struct GenStatements {
     suppressions_after: PreparedStatement,
 }
 
+/// Runs a read on the current generation. A read that fails because a rebuild switched
+/// generations and dropped the old tables between reading `projection_current` and the query
+/// is retried on the new generation, so a rebuild with `--drop-old` fails no read.
+macro_rules! on_current {
+    ($self:ident, |$st:ident| $body:expr) => {{
+        let mut g = $self.current_gen().await?;
+        let mut tries = 0;
+        loop {
+            let r = match $self.statements(g).await {
+                Ok($st) => $body,
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(v) => break Ok(v),
+                Err(e) => {
+                    tries += 1;
+                    let now = $self.current_gen().await?;
+                    if now == g || tries >= 3 {
+                        break Err(e);
+                    }
+                    g = now;
+                }
+            }
+        }
+    }};
+}
+
 pub struct CqlProjections {
     session: Arc<Session>,
     keyspace: String,
@@ -622,6 +660,72 @@ impl CqlProjections {
             out.push(from_json(&row.map_err(unavailable)?.0)?);
         }
         Ok(out)
+    }
+
+    async fn recipients_in(
+        &self,
+        st: &GenStatements,
+        q: &RecipientsQuery,
+    ) -> Result<Vec<DispatchRow>, StoreError> {
+        let after = q.after.clone().unwrap_or_default();
+        let Some(status) = q.status else {
+            let limit = i32::try_from(q.limit).unwrap_or(i32::MAX);
+            return self
+                .states(
+                    &st.recipients_limit,
+                    (&q.tenant, &q.campaign_id, &after, limit),
+                )
+                .await;
+        };
+        // The status filter runs here over the campaign's partition, in dispatch-key order.
+        let mut rows = self
+            .session
+            .execute_iter(st.recipients.clone(), (&q.tenant, &q.campaign_id, &after))
+            .await
+            .map_err(unavailable)?
+            .rows_stream::<(String, String)>()
+            .map_err(unavailable)?;
+        let mut out = Vec::new();
+        while out.len() < q.limit {
+            let Some(row) = rows.next().await else { break };
+            let (s, state) = row.map_err(unavailable)?;
+            if s == status.as_str() {
+                out.push(from_json(&state)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn dispatch_in(
+        &self,
+        st: &GenStatements,
+        tenant: &str,
+        id_or_key: &str,
+    ) -> Result<Option<DispatchRow>, StoreError> {
+        // As the embedded store: the attributed key `d:<id>` or the key itself, the smaller
+        // key first when both exist.
+        let mut keys = vec![
+            DeliveryEvent::attributed_dispatch_key(id_or_key),
+            id_or_key.to_string(),
+        ];
+        keys.sort();
+        keys.dedup();
+        for k in keys {
+            let r = self
+                .session
+                .execute_unpaged(&st.get_dispatch, (tenant, &k))
+                .await
+                .map_err(unavailable)?
+                .into_rows_result()
+                .map_err(unavailable)?;
+            if let Some((_, Some(state), _)) = r
+                .maybe_first_row::<(Option<String>, Option<String>, Option<BTreeSet<String>>)>()
+                .map_err(unavailable)?
+            {
+                return Ok(Some(from_json(&state)?));
+            }
+        }
+        Ok(None)
     }
 
     /// Applies a batch to generation `g` (see the module doc for the write order).
@@ -927,34 +1031,7 @@ impl ProjectionStore for CqlProjections {
     }
 
     async fn recipients(&self, q: RecipientsQuery) -> Result<Vec<DispatchRow>, StoreError> {
-        let st = self.statements(self.current_gen().await?).await?;
-        let after = q.after.clone().unwrap_or_default();
-        let Some(status) = q.status else {
-            let limit = i32::try_from(q.limit).unwrap_or(i32::MAX);
-            return self
-                .states(
-                    &st.recipients_limit,
-                    (&q.tenant, &q.campaign_id, &after, limit),
-                )
-                .await;
-        };
-        // The status filter runs here over the campaign's partition, in dispatch-key order.
-        let mut rows = self
-            .session
-            .execute_iter(st.recipients.clone(), (&q.tenant, &q.campaign_id, &after))
-            .await
-            .map_err(unavailable)?
-            .rows_stream::<(String, String)>()
-            .map_err(unavailable)?;
-        let mut out = Vec::new();
-        while out.len() < q.limit {
-            let Some(row) = rows.next().await else { break };
-            let (s, state) = row.map_err(unavailable)?;
-            if s == status.as_str() {
-                out.push(from_json(&state)?);
-            }
-        }
-        Ok(out)
+        on_current!(self, |st| self.recipients_in(&st, &q).await)
     }
 
     async fn dispatch(
@@ -962,31 +1039,7 @@ impl ProjectionStore for CqlProjections {
         tenant: &str,
         id_or_key: &str,
     ) -> Result<Option<DispatchRow>, StoreError> {
-        let st = self.statements(self.current_gen().await?).await?;
-        // As the embedded store: the attributed key `d:<id>` or the key itself, the smaller
-        // key first when both exist.
-        let mut keys = vec![
-            DeliveryEvent::attributed_dispatch_key(id_or_key),
-            id_or_key.to_string(),
-        ];
-        keys.sort();
-        keys.dedup();
-        for k in keys {
-            let r = self
-                .session
-                .execute_unpaged(&st.get_dispatch, (tenant, &k))
-                .await
-                .map_err(unavailable)?
-                .into_rows_result()
-                .map_err(unavailable)?;
-            if let Some((_, Some(state), _)) = r
-                .maybe_first_row::<(Option<String>, Option<String>, Option<BTreeSet<String>>)>()
-                .map_err(unavailable)?
-            {
-                return Ok(Some(from_json(&state)?));
-            }
-        }
-        Ok(None)
+        on_current!(self, |st| self.dispatch_in(&st, tenant, id_or_key).await)
     }
 
     async fn suppressions_of(
@@ -994,9 +1047,10 @@ impl ProjectionStore for CqlProjections {
         tenant: &str,
         email: &str,
     ) -> Result<Vec<SuppressionRow>, StoreError> {
-        let st = self.statements(self.current_gen().await?).await?;
         // Clustered by reason within the email: already in reason order.
-        self.states(&st.suppressions_of, (tenant, email)).await
+        on_current!(self, |st| self
+            .states(&st.suppressions_of, (tenant, email))
+            .await)
     }
 
     async fn suppressions(
@@ -1005,21 +1059,21 @@ impl ProjectionStore for CqlProjections {
         after: Option<(String, String)>,
         limit: usize,
     ) -> Result<Vec<SuppressionRow>, StoreError> {
-        let st = self.statements(self.current_gen().await?).await?;
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        match after {
+        on_current!(self, |st| match &after {
             None => self.states(&st.suppressions_first, (tenant, limit)).await,
             Some((e, r)) => {
                 self.states(&st.suppressions_after, (tenant, e, r, limit))
                     .await
             }
-        }
+        })
     }
 
     async fn contact(&self, tenant: &str, email: &str) -> Result<Option<ContactRow>, StoreError> {
-        let st = self.statements(self.current_gen().await?).await?;
-        let mut rows: Vec<ContactRow> = self.states(&st.get_contact, (tenant, email)).await?;
-        Ok(rows.pop())
+        let rows: Vec<ContactRow> = on_current!(self, |st| self
+            .states(&st.get_contact, (tenant, email))
+            .await)?;
+        Ok(rows.into_iter().next())
     }
 
     async fn generations(&self) -> Result<Vec<GenerationInfo>, StoreError> {
