@@ -10,8 +10,10 @@
 //! clustered by dispatch key), `seen_g<N>` (tenant + event key), `suppressions_g<N>` (partition
 //! per tenant, clustered by email + reason) and `contacts_g<N>`. `projection_generations` keeps
 //! each generation's checkpoint and `projection_current` the single row naming the generation
-//! that readers and the live projector use. Every statement is prepared, so the driver's default
-//! load balancing routes it to a replica of its partition.
+//! that readers and the live projector use. Every statement is prepared and names its keyspace,
+//! so the driver's default load balancing routes it to a replica of its partition; all run at the
+//! driver's default LOCAL_QUORUM, so a checkpoint or a switch written is what the next read in
+//! the data center sees.
 //!
 //! # Crash safety without multi-partition transactions
 //!
