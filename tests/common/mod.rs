@@ -309,6 +309,8 @@ pub async fn fresh_cql_keyspace() -> String {
         keyspace: keyspace.clone(),
         replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".to_string(),
     };
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT.get_or_init(drop_keyspaces_of_finished_runs).await;
     match cql::migrate(&settings).await {
         Ok(_) => keyspace,
         Err(e @ CqlError::Connect { .. }) => panic!(
@@ -316,6 +318,50 @@ pub async fn fresh_cql_keyspace() -> String {
             cql_node()
         ),
         Err(e) => panic!("migrating test keyspace {keyspace}: {e}"),
+    }
+}
+
+/// Test keyspaces are left behind when a test ends (so a failure can be inspected); once many
+/// have piled up, the first test of a later run drops those whose process is gone, so a
+/// long-lived development node does not fill up with tables.
+async fn drop_keyspaces_of_finished_runs() {
+    let Ok(session) = scylla::client::session_builder::SessionBuilder::new()
+        .known_node(cql_node())
+        .build()
+        .await
+    else {
+        return; // reported by the caller's migrate
+    };
+    let Ok(Ok(rows)) = session
+        .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+        .await
+        .map(|r| r.into_rows_result())
+    else {
+        return;
+    };
+    let Ok(names) = rows.rows::<(String,)>() else {
+        return;
+    };
+    let finished: Vec<String> = names
+        .flatten()
+        .map(|(name,)| name)
+        .filter(|name| {
+            name.strip_prefix("xs_test_")
+                .and_then(|rest| rest.split('_').next())
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|pid| {
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                })
+        })
+        .collect();
+    // Schema changes take a second each: only sweep once there are many.
+    if finished.len() < 40 {
+        return;
+    }
+    for name in finished {
+        let _ = session
+            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {name}"), ())
+            .await;
     }
 }
 
