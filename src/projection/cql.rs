@@ -669,6 +669,9 @@ impl CqlProjections {
         st: &GenStatements,
         q: &RecipientsQuery,
     ) -> Result<Vec<DispatchRow>, StoreError> {
+        if q.limit == 0 {
+            return Ok(Vec::new()); // CQL rejects LIMIT 0
+        }
         let after = q.after.clone().unwrap_or_default();
         let Some(status) = q.status else {
             let limit = i32::try_from(q.limit).unwrap_or(i32::MAX);
@@ -1061,6 +1064,9 @@ impl ProjectionStore for CqlProjections {
         after: Option<(String, String)>,
         limit: usize,
     ) -> Result<Vec<SuppressionRow>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new()); // CQL rejects LIMIT 0
+        }
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         on_current!(self, |st| match &after {
             None => self.states(&st.suppressions_first, (tenant, limit)).await,
