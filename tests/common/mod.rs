@@ -332,10 +332,10 @@ async fn drop_keyspaces_of_finished_runs() {
     else {
         return; // reported by the caller's migrate
     };
-    let Ok(Ok(rows)) = session
+    let Ok(Some(rows)) = session
         .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
         .await
-        .map(|r| r.into_rows_result())
+        .map(|r| r.into_rows_result().ok())
     else {
         return;
     };
