@@ -18,7 +18,16 @@ PORT="${XSENDER_CASSANDRA_PORT:-9042}"
 HEAP="${XSENDER_CASSANDRA_HEAP:-1G}"
 WAIT_SECS="${XSENDER_CASSANDRA_WAIT_SECS:-180}"
 
-cql_up() { (exec 3<>"/dev/tcp/127.0.0.1/$PORT") 2>/dev/null; }
+# Ready means CQL answers, not just that the port accepts: send a protocol v4 OPTIONS frame
+# and expect a SUPPORTED (opcode 0x06) response header.
+cql_up() {
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$PORT" || exit 1
+    printf '\x04\x00\x00\x00\x05\x00\x00\x00\x00' >&3
+    op=$(timeout 5 head -c 9 <&3 | od -An -tx1 | awk '{print $5}')
+    [ "$op" = "06" ]
+  ) 2>/dev/null
+}
 
 fetch() {
   [ -f "$JARS/.complete" ] && return 0
