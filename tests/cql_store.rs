@@ -252,7 +252,7 @@ async fn same_rows_as_the_embedded_store_and_exact_after_a_kill_at_any_point() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
     let log = log();
-    let (_, store) = cql_store().await;
+    let (settings, store) = cql_store().await;
     project(&store, &log[..100], 16).await;
     let g = store.create_generation(1).await.unwrap();
     assert_eq!(g, 2);
@@ -260,6 +260,9 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
     // The live projector goes on writing generation 1 while the rebuild catches up.
     project(&store, &log, 16).await;
     let before = snapshot(&store).await;
+    // A reader in another process, its generation-1 statements prepared before the switch.
+    let other = CqlProjections::open(&settings).await.unwrap();
+    assert_eq!(snapshot(&other).await, before);
     let tail_log = log.clone();
     store
         .switch_to(
@@ -280,6 +283,12 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
     assert!(gens[1].current && gens[1].checkpoint == log.len() as i64);
     assert_eq!(snapshot(&store).await, before);
     assert_eq!(store.drop_old().await.unwrap(), vec![1]);
+    assert_eq!(snapshot(&store).await, before);
+    // A reader that picked generation 1 just before the switch reaches its dropped tables: the
+    // read is retried on the current generation instead of failing.
+    other.read_stale_generation_once(1);
+    assert_eq!(snapshot(&other).await, before);
+    store.read_stale_generation_once(1);
     assert_eq!(snapshot(&store).await, before);
     // A batch that straddles the new checkpoint is a gap only when it skips ahead.
     let extra = Record {

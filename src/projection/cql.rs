@@ -447,7 +447,15 @@ struct GenStatements {
 /// is retried on the new generation, so a rebuild with `--drop-old` fails no read.
 macro_rules! on_current {
     ($self:ident, |$st:ident| $body:expr) => {{
-        let mut g = $self.current_gen().await?;
+        let stale = $self
+            .stale_read
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        let mut g = match stale {
+            Some(g) => g,
+            None => $self.current_gen().await?,
+        };
         let mut tries = 0;
         loop {
             let r = match $self.statements(g).await {
@@ -475,6 +483,7 @@ pub struct CqlProjections {
     meta: Meta,
     gens: tokio::sync::Mutex<HashMap<Generation, Arc<GenStatements>>>,
     crash: std::sync::Mutex<Option<CrashPoint>>,
+    stale_read: std::sync::Mutex<Option<Generation>>,
 }
 
 async fn prepare(
@@ -557,6 +566,7 @@ impl CqlProjections {
             meta,
             gens: Default::default(),
             crash: Default::default(),
+            stale_read: Default::default(),
         })
     }
 
@@ -564,6 +574,13 @@ impl CqlProjections {
     #[doc(hidden)]
     pub fn crash_next_apply(&self, point: CrashPoint) {
         *self.crash.lock().unwrap_or_else(|p| p.into_inner()) = Some(point);
+    }
+
+    /// Test hook: the next read uses generation `g` as if it had read `projection_current`
+    /// just before a switch (the race a rebuild with `--drop-old` has with readers).
+    #[doc(hidden)]
+    pub fn read_stale_generation_once(&self, g: Generation) {
+        *self.stale_read.lock().unwrap_or_else(|p| p.into_inner()) = Some(g);
     }
 
     fn crash_at(&self, hit: impl Fn(CrashPoint) -> bool) -> Result<(), StoreError> {
