@@ -49,48 +49,18 @@ async fn serve_with_no_configuration_just_works() {
     // Only the port is chosen (8080 may be taken on a shared machine); nothing else is set.
     let (mut child, base) = spawn(dir.path(), &["--listen", "127.0.0.1:0"]).await;
     let http = reqwest::Client::new();
-    assert_eq!(
-        http.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
-    assert_eq!(
-        http.get(format!("{base}/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
     for f in ["log.db", "projections.db", "tenants.db"] {
-        assert!(
-            dir.path().join("data").join(f).exists(),
-            "{f} created in ./data"
-        );
+        assert!(dir.path().join("data").join(f).exists(), "{f} created in ./data");
     }
     // With no tenant configured, webhooks fail closed and say how to fix it.
-    let r = http
-        .post(format!("{base}/api/webhook/email/sendgrid"))
-        .header("content-type", "application/json")
-        .body("[]")
-        .send()
-        .await
-        .unwrap();
+    let r = http.post(format!("{base}/api/webhook/email/sendgrid")).header("content-type", "application/json").body("[]").send().await.unwrap();
     assert_eq!(r.status(), 401);
     // SIGTERM: a clean, prompt exit.
     let pid = child.id().unwrap() as i32;
-    std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .unwrap();
+    std::process::Command::new("kill").arg("-TERM").arg(pid.to_string()).status().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait()).await.expect("exits after SIGTERM").unwrap();
     assert!(status.success(), "{status:?}");
 }
 
@@ -163,10 +133,7 @@ async fn sigkill_under_load(store_args: &[&str]) {
             }
         }));
     }
-    wait_until(Duration::from_secs(60), || async {
-        accepted.lock().unwrap().len() >= 400
-    })
-    .await;
+    wait_until(Duration::from_secs(60), || async { accepted.lock().unwrap().len() >= 400 }).await;
     child.start_kill().unwrap(); // SIGKILL: no shutdown code runs
     child.wait().await.unwrap();
     for w in workers {
@@ -190,8 +157,5 @@ async fn sigkill_under_load(store_args: &[&str]) {
         })
         .await;
     }
-    eprintln!(
-        "{} accepted requests, all projected exactly once after SIGKILL + restart",
-        accepted.len()
-    );
+    eprintln!("{} accepted requests, all projected exactly once after SIGKILL + restart", accepted.len());
 }

@@ -4,10 +4,7 @@ use xsender_events::event::RawEnvelope;
 use xsender_events::providers::{registry, Normalized, Provider, ProviderSettings};
 
 fn provider(name: &str) -> std::sync::Arc<dyn Provider> {
-    registry(&ProviderSettings::default())
-        .into_iter()
-        .find(|p| p.name() == name)
-        .unwrap()
+    registry(&ProviderSettings::default()).into_iter().find(|p| p.name() == name).unwrap()
 }
 
 fn envelope(provider: &str, body: Vec<u8>) -> RawEnvelope {
@@ -23,20 +20,12 @@ fn envelope(provider: &str, body: Vec<u8>) -> RawEnvelope {
 }
 
 fn fixture(path: &str) -> Vec<u8> {
-    std::fs::read(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures")
-            .join(path),
-    )
-    .unwrap()
+    std::fs::read(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)).unwrap()
 }
 
 #[test]
 fn sendgrid_documented_examples_map_per_the_table() {
-    let out = provider("sendgrid").normalize(&envelope(
-        "sendgrid",
-        fixture("sendgrid/docs_examples.json"),
-    ));
+    let out = provider("sendgrid").normalize(&envelope("sendgrid", fixture("sendgrid/docs_examples.json")));
     let summary: Vec<String> = out
         .iter()
         .map(|n| match n {
@@ -44,9 +33,7 @@ fn sendgrid_documented_examples_map_per_the_table() {
                 "{}:{}{}{}",
                 e.provider_event,
                 e.kind.as_str(),
-                e.bounce_class
-                    .map(|b| format!("/{}", b.as_str()))
-                    .unwrap_or_default(),
+                e.bounce_class.map(|b| format!("/{}", b.as_str())).unwrap_or_default(),
                 if e.machine { "/machine" } else { "" }
             ),
             Normalized::Dead(d) => format!("dead:{}", d.reason),
@@ -71,25 +58,13 @@ fn sendgrid_documented_examples_map_per_the_table() {
         ]
     );
     // All of SendGrid's examples carry no XSender metadata: kept, keyed by message id + recipient.
-    let Normalized::Event(deferred) = &out[3] else {
-        panic!()
-    };
-    assert_eq!(
-        deferred.dispatch_key, "m:14c5d75ce93.dfd.64b469:alex@example.com",
-        "leading space trimmed"
-    );
+    let Normalized::Event(deferred) = &out[3] else { panic!() };
+    assert_eq!(deferred.dispatch_key, "m:14c5d75ce93.dfd.64b469:alex@example.com", "leading space trimmed");
     assert_eq!(deferred.reason.as_deref(), Some("400 try again later"));
-    let Normalized::Event(click) = &out[7] else {
-        panic!()
-    };
-    assert_eq!(
-        click.url.as_deref(),
-        Some("http://example.com/blog/news.html")
-    );
+    let Normalized::Event(click) = &out[7] else { panic!() };
+    assert_eq!(click.url.as_deref(), Some("http://example.com/blog/news.html"));
     assert!(click.user_agent.as_deref().unwrap().contains("iPhone"));
-    let Normalized::Event(g) = &out[10] else {
-        panic!()
-    };
+    let Normalized::Event(g) = &out[10] else { panic!() };
     assert_eq!(g.group_id.as_deref(), Some("10"));
 }
 
@@ -108,10 +83,7 @@ fn sendgrid_machine_open_and_event_keys_survive_a_changed_sg_event_id() {
             Normalized::Dead(d) => panic!("{d:?}"),
         })
         .collect();
-    assert_eq!(
-        keys[0], keys[1],
-        "a retry with a new sg_event_id is the same happening"
-    );
+    assert_eq!(keys[0], keys[1], "a retry with a new sg_event_id is the same happening");
 }
 
 #[test]
@@ -129,11 +101,7 @@ fn sendgrid_never_panics_on_hostile_items() {
         b"".to_vec(),
     ] {
         let out = p.normalize(&envelope("sendgrid", body.clone()));
-        assert!(
-            !out.is_empty(),
-            "nothing vanishes: {}",
-            String::from_utf8_lossy(&body[..body.len().min(60)])
-        );
+        assert!(!out.is_empty(), "nothing vanishes: {}", String::from_utf8_lossy(&body[..body.len().min(60)]));
         for n in &out {
             if let Normalized::Event(e) = n {
                 panic!("hostile item became an event: {e:?}");
