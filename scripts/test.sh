@@ -10,20 +10,42 @@ export CARGO_TERM_COLOR=never
 
 need() { command -v "$1" >/dev/null 2>&1 || { echo "missing $1: $2" >&2; exit 1; }; }
 need cargo "install Rust (rustup) first"
-for tool in openssl curl python3; do
+for tool in openssl curl python3 java mvn; do
   if ! command -v "$tool" >/dev/null 2>&1; then
-    (apt-get update -qq && apt-get install -y -qq "$tool") >/dev/null || { echo "cannot install $tool" >&2; exit 1; }
+    pkg=$tool
+    case $tool in java) pkg=openjdk-17-jre-headless ;; mvn) pkg=maven ;; esac
+    (apt-get update -qq && apt-get install -y -qq "$pkg") >/dev/null || { echo "cannot install $pkg" >&2; exit 1; }
   fi
 done
+
+# Cassandra (the CQL stand-in for ScyllaDB) starts while the build runs; stopped on exit if
+# this script started it.
+export XSENDER_TEST_CQL="${XSENDER_TEST_CQL:-127.0.0.1:9042}"
+started_cassandra=
+if ! scripts/cassandra.sh status >/dev/null 2>&1; then
+  started_cassandra=1
+  trap 'scripts/cassandra.sh stop || true' EXIT
+  cassandra_log=$(mktemp)
+  (time scripts/cassandra.sh start) >"$cassandra_log" 2>&1 &
+  cassandra_pid=$!
+fi
 
 need go "install Go (for the OpenTelemetry Collector used by the tracing test)"
 echo "== OpenTelemetry Collector (tools/otelcol, from the Go module proxy; cached)"
 scripts/otelcol.sh build
 echo "== build"
 cargo build --locked --release --bin xsender-events
-echo "== unit, property, end-to-end and process tests"
+cargo test --locked --all-targets --no-run
+if [ -n "$started_cassandra" ]; then
+  echo "== waiting for Cassandra"
+  wait "$cassandra_pid" || { cat "$cassandra_log" >&2; exit 1; }
+  cat "$cassandra_log"
+fi
+echo "== unit, property, end-to-end (embedded and CQL projections) and process tests"
 cargo test --locked --all-targets
-echo "== README walk-through"
+echo "== README walk-through (embedded, then projections in CQL)"
 BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/walkthrough.sh
+BIN="$CARGO_TARGET_DIR/release/xsender-events" PORT=18081 \
+  WALKTHROUGH_CQL_KEYSPACE="xs_walkthrough_$$" scripts/walkthrough.sh
 echo "== Helm chart: lint, render both modes, validate against the Kubernetes schemas"
 BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/check-helm.sh

@@ -20,8 +20,15 @@ api_token = "acme-read-token-change-me"
 verification_key = "$KEY"
 EOF
 
-# 2. Serve (the data folder ./data is created on first start).
-"$BIN" serve --listen "127.0.0.1:$PORT" 2>serve.log &
+# 2. Serve (the data folder ./data is created on first start). With WALKTHROUGH_CQL_KEYSPACE
+# set, projections go to that keyspace on a CQL node instead (XSENDER_CQL_NODES, default
+# 127.0.0.1:9042), after `migrate` creates its schema.
+store=()
+if [ -n "${WALKTHROUGH_CQL_KEYSPACE:-}" ]; then
+  store=(--projections cql --cql-keyspace "$WALKTHROUGH_CQL_KEYSPACE")
+  "$BIN" migrate --cql-keyspace "$WALKTHROUGH_CQL_KEYSPACE"
+fi
+"$BIN" serve --listen "127.0.0.1:$PORT" "${store[@]}" 2>serve.log &
 pid=$!
 for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 

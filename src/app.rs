@@ -1,6 +1,7 @@
-//! Wires the stages for the embedded default: `serve` runs ingress, normalizer and projector
-//! in one process over SQLite files in the data folder; `rebuild` replays the events log into
-//! a fresh projection generation and switches to it.
+//! Wires the stages: `serve` runs ingress, normalizer and projector in one process over SQLite
+//! files in the data folder, with projections either there too (the embedded default) or in a
+//! CQL cluster (`projection_store = "cql"`); `rebuild` replays the events log into a fresh
+//! projection generation of the configured store and switches to it.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,17 +14,20 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
-use crate::config::ServeConfig;
+use crate::config::{ProjectionStoreKind, ServeConfig};
 use crate::event::DeliveryEvent;
 use crate::ingress::{self, ratelimit::Limiter, AppState};
 use crate::log::sqlite::SqliteLog;
 use crate::log::{EventLog, Offset, Record};
+use crate::projection::cql::CqlProjections;
 use crate::projection::sqlite::SqliteProjections;
 use crate::projection::ProjectionStore;
 use crate::providers::{registry, ProviderSettings};
 use crate::shutdown::{self, Trigger};
 use crate::stages::{normalizer::Normalizer, projector};
-use crate::tenants::{SqliteTenantStore, TenantDirectory, TenantsFile};
+use crate::tenants::{
+    CqlTenantStore, SqliteTenantStore, TenantDirectory, TenantStore, TenantsFile,
+};
 
 /// A running server; dropping it does not stop it: call [`Running::stop`].
 pub struct Running {
@@ -97,10 +101,7 @@ pub async fn start_with(
         Duration::from_millis(cfg.append_timeout_ms),
     )
     .context("opening the event log")?;
-    let projections: Arc<dyn ProjectionStore> = Arc::new(
-        SqliteProjections::open(&cfg.data_dir.join("projections.db"))
-            .context("opening projections")?,
-    );
+    let projections = open_projections(&cfg).await?;
     let settings = provider_settings(&cfg);
     let providers = providers(&settings);
     let file = match cfg.tenants_path() {
@@ -110,7 +111,17 @@ pub async fn start_with(
         }
         None => None,
     };
-    let tenant_store = Arc::new(SqliteTenantStore::open(&cfg.data_dir.join("tenants.db"))?);
+    // In the cluster deployment tenants live beside the projections, shared by every `serve`.
+    let tenant_store: Arc<dyn TenantStore> = match cfg.projection_store {
+        ProjectionStoreKind::Sqlite => {
+            Arc::new(SqliteTenantStore::open(&cfg.data_dir.join("tenants.db"))?)
+        }
+        ProjectionStoreKind::Cql => Arc::new(
+            CqlTenantStore::open(&cfg.cql_settings())
+                .await
+                .context("opening the CQL tenant store")?,
+        ),
+    };
     let tenants = Arc::new(TenantDirectory::open(tenant_store, providers.clone(), file).await?);
     if tenants.snapshot().is_empty() {
         tracing::warn!("no tenants configured: every webhook will be refused (401) until one is added (tenants file or admin API)");
@@ -178,7 +189,7 @@ pub async fn start_with(
         }));
     }
     state.ready.store(true, Ordering::Relaxed);
-    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), "xsender-events serving");
+    tracing::info!(%addr, data_dir = %cfg.data_dir.display(), projections = ?cfg.projection_store, "xsender-events serving");
     Ok(Running {
         addr,
         readiness_drain: Duration::from_secs(cfg.readiness_drain_secs),
@@ -186,6 +197,21 @@ pub async fn start_with(
         log,
         trigger,
         tasks,
+    })
+}
+
+/// Opens the configured projection store (the CQL one checks its schema is migrated).
+pub async fn open_projections(cfg: &ServeConfig) -> anyhow::Result<Arc<dyn ProjectionStore>> {
+    Ok(match cfg.projection_store {
+        ProjectionStoreKind::Sqlite => Arc::new(
+            SqliteProjections::open(&cfg.data_dir.join("projections.db"))
+                .context("opening projections")?,
+        ),
+        ProjectionStoreKind::Cql => Arc::new(
+            CqlProjections::open(&cfg.cql_settings())
+                .await
+                .context("opening the CQL projection store")?,
+        ),
     })
 }
 
@@ -207,18 +233,19 @@ pub struct RebuildReport {
     pub elapsed: Duration,
 }
 
-/// Replays the events log into a fresh generation, then switches readers and the live
-/// projector to it. Safe while `serve` runs on the same data folder.
+/// Replays the events log (in `cfg.data_dir`) into a fresh generation of the configured
+/// projection store, then switches readers and the live projector to it. Safe while `serve`
+/// runs with the same configuration.
 pub async fn rebuild(
-    data_dir: &std::path::Path,
+    cfg: &ServeConfig,
     from: RebuildFrom,
     drop_old: bool,
     progress: bool,
 ) -> anyhow::Result<RebuildReport> {
-    let log = SqliteLog::open(&data_dir.join("log.db"), Duration::from_secs(10))
+    cfg.validate()?;
+    let log = SqliteLog::open(&cfg.data_dir.join("log.db"), Duration::from_secs(10))
         .context("opening the event log")?;
-    let store =
-        SqliteProjections::open(&data_dir.join("projections.db")).context("opening projections")?;
+    let store = open_projections(cfg).await?;
     let started = Instant::now();
     let start = match from {
         RebuildFrom::Start => 1,

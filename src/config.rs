@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::projection::cql::CqlSettings;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -44,6 +45,29 @@ pub struct ServeConfig {
     /// On SIGTERM, how long `/readyz` answers 503 while still serving, before the listener
     /// closes: time for load balancers (Kubernetes endpoints) to stop routing here.
     pub readiness_drain_secs: u64,
+    /// Where projections (dispatch rows, suppressions, contacts) live: `"sqlite"` (embedded,
+    /// `projections.db` in the data folder) or `"cql"` (ScyllaDB/Cassandra, see `cql_*`; run
+    /// `xsender-events migrate` first; tenants then persist in the same keyspace, shared by
+    /// every `serve`). The events log stays in the data folder either way.
+    pub projection_store: ProjectionStoreKind,
+    /// CQL contact points (`host:port`), with `projection_store = "cql"`.
+    pub cql_nodes: Vec<String>,
+    /// CQL keyspace of the projections.
+    pub cql_keyspace: String,
+    /// Replication map `migrate` creates the keyspace with, e.g.
+    /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}` in production.
+    pub cql_replication: String,
+}
+
+/// Which projection store `serve` and `rebuild` use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ProjectionStoreKind {
+    /// Embedded SQLite file in the data folder (the default).
+    #[default]
+    Sqlite,
+    /// ScyllaDB (or Apache Cassandra) through the `scylla` driver.
+    Cql,
 }
 
 impl Default for ServeConfig {
@@ -63,6 +87,10 @@ impl Default for ServeConfig {
             projector_batch: 2000,
             shutdown_grace_secs: 20,
             readiness_drain_secs: 0,
+            projection_store: ProjectionStoreKind::Sqlite,
+            cql_nodes: vec!["127.0.0.1:9042".to_string()],
+            cql_keyspace: "xsender".to_string(),
+            cql_replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".to_string(),
         }
     }
 }
@@ -107,7 +135,20 @@ impl ServeConfig {
                 return bad("admin_token must be at least 16 characters");
             }
         }
+        if self.projection_store == ProjectionStoreKind::Cql {
+            self.cql_settings()
+                .validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         Ok(())
+    }
+
+    pub fn cql_settings(&self) -> CqlSettings {
+        CqlSettings {
+            nodes: self.cql_nodes.clone(),
+            keyspace: self.cql_keyspace.clone(),
+            replication: self.cql_replication.clone(),
+        }
     }
 
     /// The tenants file to read: the configured one, else `./tenants.toml` if present.
@@ -116,5 +157,26 @@ impl ServeConfig {
             let p = PathBuf::from("tenants.toml");
             p.exists().then_some(p)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn projection_store_is_chosen_in_toml() {
+        let c: ServeConfig = toml::from_str(
+            "projection_store = \"cql\"\ncql_nodes = [\"10.0.0.1:9042\", \"10.0.0.2:9042\"]\ncql_keyspace = \"xs\"\ncql_replication = \"{'class': 'NetworkTopologyStrategy', 'dc1': 3}\"",
+        )
+        .unwrap();
+        assert_eq!(c.projection_store, ProjectionStoreKind::Cql);
+        assert_eq!(c.cql_nodes.len(), 2);
+        c.validate().unwrap();
+        let d: ServeConfig = toml::from_str("").unwrap();
+        assert_eq!(d.projection_store, ProjectionStoreKind::Sqlite);
+        let e = toml::from_str::<ServeConfig>("projection_store = \"mongo\"").unwrap_err();
+        assert!(e.to_string().contains("sqlite"), "{e}");
+        assert!(toml::from_str::<ServeConfig>("cql_node = []").is_err());
     }
 }

@@ -513,9 +513,10 @@ async fn admin_api_manages_tenants_without_leaking_secrets(backend: Backend) {
         .0,
         200
     );
-    // Persisted: a restart on the same data folder keeps the tenant.
+    // Persisted: a restart with the same stores (and no tenants file) keeps the tenant.
     h.stop().await;
-    let cfg = common::config(h.dir.path(), None);
+    let mut cfg = h.config.clone();
+    cfg.tenants_file = None;
     h.running = Some(xsender_events::app::start(cfg).await.unwrap());
     h.base = format!("http://{}", h.running.as_ref().unwrap().addr);
     assert_eq!(
@@ -559,12 +560,13 @@ async fn admin_api_manages_tenants_without_leaking_secrets(backend: Backend) {
 }
 
 /// The read API is rate limited per client; webhooks never are.
-async fn read_api_is_rate_limited_and_webhooks_are_not(_backend: Backend) {
-    let h = Harness::embedded_with(acme(), |c| {
-        c.rate_limit_per_second = 1;
-        c.rate_limit_burst = 3;
-    })
-    .await;
+async fn read_api_is_rate_limited_and_webhooks_are_not(backend: Backend) {
+    let h = backend
+        .start_with(acme(), |c| {
+            c.rate_limit_per_second = 1;
+            c.rate_limit_burst = 3;
+        })
+        .await;
     let mut codes = Vec::new();
     for _ in 0..6 {
         let r = h
@@ -669,7 +671,7 @@ async fn rebuild_while_serving_gives_identical_rows(backend: Backend) {
         })
     };
     let report = xsender_events::app::rebuild(
-        &h.data_dir(),
+        &h.config,
         xsender_events::app::RebuildFrom::Start,
         true,
         false,

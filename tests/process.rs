@@ -62,17 +62,39 @@ async fn serve_with_no_configuration_just_works() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_no_accepted_event() {
+    sigkill_under_load(&[]).await
+}
+
+/// The same with projections in Cassandra: the kill lands wherever the projector is in its
+/// non-transactional write sequence, and the restart still projects each event exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_with_cql_projections_counts_each_event_once() {
+    let keyspace = common::fresh_cql_keyspace().await;
+    let node = common::cql_node();
+    sigkill_under_load(&[
+        "--projections",
+        "cql",
+        "--cql-nodes",
+        &node,
+        "--cql-keyspace",
+        &keyspace,
+    ])
+    .await
+}
+
+async fn sigkill_under_load(store_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let signer = Arc::new(SendGridSigner::random());
     let token = "crash-test-token-0123456789";
     let tenants = dir.path().join("tenants.toml");
     std::fs::write(&tenants, format!("[tenants.acme]\napi_token = \"{token}\"\n[tenants.acme.sendgrid]\nverification_key = \"{}\"\n", signer.verification_key())).unwrap();
-    let args = [
+    let mut args = vec![
         "--listen",
         "127.0.0.1:0",
         "--tenants",
         tenants.to_str().unwrap(),
     ];
+    args.extend_from_slice(store_args);
     let (mut child, base) = spawn(dir.path(), &args).await;
 
     let accepted = Arc::new(Mutex::new(BTreeSet::new()));

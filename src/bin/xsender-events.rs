@@ -1,4 +1,4 @@
-//! The `xsender-events` command: `serve`, `rebuild`, `check-tenants`.
+//! The `xsender-events` command: `serve`, `rebuild`, `migrate`, `check-tenants`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use xsender_events::app::{self, RebuildFrom};
-use xsender_events::config::ServeConfig;
+use xsender_events::config::{ProjectionStoreKind, ServeConfig};
 use xsender_events::secret::Secret;
 
 #[derive(Parser)]
@@ -29,6 +29,8 @@ enum Command {
     Serve(ServeArgs),
     /// Replay the events log into fresh projection tables and switch to them (safe while serving).
     Rebuild(RebuildArgs),
+    /// Create or upgrade the CQL projection schema (keyspace, tables) from schemas/cql/.
+    Migrate(MigrateArgs),
     /// Validate a tenants file and print what it configures (no secrets).
     CheckTenants {
         /// The TOML file to check.
@@ -65,13 +67,71 @@ struct ServeArgs {
     /// On SIGTERM, seconds in-flight requests get to finish [default: 20].
     #[arg(long, env = "XSENDER_SHUTDOWN_GRACE_SECS")]
     shutdown_grace_secs: Option<u64>,
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// Which projection store; override `projection_store` and `cql_*` of the config file.
+#[derive(Args)]
+struct StoreArgs {
+    /// Projection store: sqlite (embedded, default) or cql (ScyllaDB/Cassandra).
+    #[arg(long, env = "XSENDER_PROJECTIONS", value_enum)]
+    projections: Option<ProjectionStoreKind>,
+    /// CQL contact points, comma separated [default: 127.0.0.1:9042].
+    #[arg(long, env = "XSENDER_CQL_NODES", value_delimiter = ',')]
+    cql_nodes: Option<Vec<String>>,
+    /// CQL keyspace [default: xsender].
+    #[arg(long, env = "XSENDER_CQL_KEYSPACE")]
+    cql_keyspace: Option<String>,
+    /// Replication map `migrate` creates the keyspace with
+    /// [default: {'class': 'SimpleStrategy', 'replication_factor': 1}].
+    #[arg(long, env = "XSENDER_CQL_REPLICATION")]
+    cql_replication: Option<String>,
+}
+
+impl StoreArgs {
+    fn apply(self, cfg: &mut ServeConfig) {
+        if let Some(v) = self.projections {
+            cfg.projection_store = v;
+        }
+        if let Some(v) = self.cql_nodes {
+            cfg.cql_nodes = v;
+        }
+        if let Some(v) = self.cql_keyspace {
+            cfg.cql_keyspace = v;
+        }
+        if let Some(v) = self.cql_replication {
+            cfg.cql_replication = v;
+        }
+    }
+}
+
+fn load_config(path: &Option<PathBuf>) -> anyhow::Result<ServeConfig> {
+    Ok(match path {
+        Some(p) => ServeConfig::load(p)?,
+        None => ServeConfig::default(),
+    })
+}
+
+#[derive(Args)]
+struct MigrateArgs {
+    /// TOML file with `cql_*` settings; flags and env override it.
+    #[arg(long, env = "XSENDER_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 #[derive(Args)]
 struct RebuildArgs {
+    /// TOML file with `serve` settings (data folder, projection store); flags and env override it.
+    #[arg(long, env = "XSENDER_CONFIG")]
+    config: Option<PathBuf>,
     /// Data folder [default: ./data].
-    #[arg(long, env = "XSENDER_DATA_DIR", default_value = "data")]
-    data_dir: PathBuf,
+    #[arg(long, env = "XSENDER_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    #[command(flatten)]
+    store: StoreArgs,
     /// Replay from this event offset instead of the start.
     #[arg(long, conflicts_with = "from_time")]
     from_offset: Option<i64>,
@@ -84,10 +144,8 @@ struct RebuildArgs {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let mut cfg = match &args.config {
-        Some(p) => ServeConfig::load(p)?,
-        None => ServeConfig::default(),
-    };
+    let mut cfg = load_config(&args.config)?;
+    args.store.apply(&mut cfg);
     if let Some(v) = args.data_dir {
         cfg.data_dir = v;
     }
@@ -143,13 +201,18 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
         ),
         (None, None) => RebuildFrom::Start,
     };
-    if !args.data_dir.join("log.db").exists() {
+    let mut cfg = load_config(&args.config)?;
+    args.store.apply(&mut cfg);
+    if let Some(v) = args.data_dir {
+        cfg.data_dir = v;
+    }
+    if !cfg.data_dir.join("log.db").exists() {
         anyhow::bail!(
             "no event log at {}: pass --data-dir of a folder `serve` has used",
-            args.data_dir.join("log.db").display()
+            cfg.data_dir.join("log.db").display()
         );
     }
-    let r = app::rebuild(&args.data_dir, from, args.drop_old, true).await?;
+    let r = app::rebuild(&cfg, from, args.drop_old, true).await?;
     eprintln!(
         "rebuilt generation {} from offset {}: {} events in {:.2?}{}",
         r.generation,
@@ -162,6 +225,22 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
             format!("; dropped generations {:?}", r.dropped)
         }
     );
+    Ok(())
+}
+
+async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
+    let mut cfg = load_config(&args.config)?;
+    args.store.apply(&mut cfg);
+    let settings = cfg.cql_settings();
+    let applied = xsender_events::projection::cql::migrate(&settings).await?;
+    if applied.is_empty() {
+        eprintln!("CQL keyspace {} is up to date", settings.keyspace);
+    } else {
+        eprintln!(
+            "CQL keyspace {}: applied schema versions {applied:?}",
+            settings.keyspace
+        );
+    }
     Ok(())
 }
 
@@ -195,6 +274,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(a) => serve(a).await,
             Command::Rebuild(a) => rebuild(a).await,
+            Command::Migrate(a) => migrate(a).await,
             Command::CheckTenants { file } => check_tenants(file),
         }
     });

@@ -3,6 +3,7 @@
 //! the live projector writes the current one; `rebuild` fills a fresh one from the log and then
 //! switches readers and the projector over atomically.
 
+pub mod cql;
 pub mod sqlite;
 
 use async_trait::async_trait;

@@ -3,6 +3,7 @@
 //! time, and are persisted by the backend ([`store`]). Secrets never leave through `Debug`, logs
 //! or responses.
 
+pub mod cql;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
@@ -15,6 +16,7 @@ use sha2::{Digest, Sha256};
 use crate::providers::{Credentials, Provider, Rejection};
 use crate::secret::Secret;
 
+pub use cql::CqlTenantStore;
 pub use store::{SqliteTenantStore, TenantStore};
 
 /// One tenant as configured: `[tenants.<id>]` in the tenants file, or the JSON body of

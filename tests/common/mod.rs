@@ -13,7 +13,8 @@ use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::EncodePublicKey;
 use serde_json::Value;
 use xsender_events::app::{self, Running};
-use xsender_events::config::ServeConfig;
+use xsender_events::config::{ProjectionStoreKind, ServeConfig};
+use xsender_events::projection::cql::{self, CqlError, CqlSettings};
 use xsender_events::secret::Secret;
 
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
@@ -133,6 +134,8 @@ pub struct Harness {
     pub base: String,
     pub http: reqwest::Client,
     pub tenants: Vec<TenantSpec>,
+    /// What the server was started with (to rebuild or restart with the same store).
+    pub config: ServeConfig,
 }
 
 pub fn config(dir: &Path, tenants_file: Option<PathBuf>) -> ServeConfig {
@@ -161,11 +164,13 @@ impl Harness {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tenants.toml");
         std::fs::write(&file, tenants_toml(&tenants)).unwrap();
-        let running = app::start_with(config(dir.path(), Some(file)), providers)
+        let cfg = config(dir.path(), Some(file));
+        let running = app::start_with(cfg.clone(), providers)
             .await
             .expect("server starts");
         let base = format!("http://{}", running.addr);
         Harness {
+            config: cfg,
             dir,
             running: Some(running),
             base,
@@ -183,12 +188,40 @@ impl Harness {
         tenants: Vec<TenantSpec>,
         tweak: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
+        Self::start_with(tenants, |_| {}, tweak).await
+    }
+
+    /// The cluster projection store: a fresh keyspace per test on the CQL node named by
+    /// `XSENDER_TEST_CQL` (default 127.0.0.1:9042), migrated like `xsender-events migrate`.
+    pub async fn cql_with(
+        tenants: Vec<TenantSpec>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
+        let keyspace = fresh_cql_keyspace().await;
+        Self::start_with(
+            tenants,
+            move |c| {
+                c.projection_store = ProjectionStoreKind::Cql;
+                c.cql_nodes = vec![cql_node()];
+                c.cql_keyspace = keyspace;
+            },
+            tweak,
+        )
+        .await
+    }
+
+    async fn start_with(
+        tenants: Vec<TenantSpec>,
+        store: impl FnOnce(&mut ServeConfig),
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tenants.toml");
         std::fs::write(&file, tenants_toml(&tenants)).unwrap();
         let mut cfg = config(dir.path(), Some(file));
+        store(&mut cfg);
         tweak(&mut cfg);
-        let running = app::start(cfg).await.expect("server starts");
+        let running = app::start(cfg.clone()).await.expect("server starts");
         let base = format!("http://{}", running.addr);
         Harness {
             dir,
@@ -196,6 +229,7 @@ impl Harness {
             base,
             http: reqwest::Client::new(),
             tenants,
+            config: cfg,
         }
     }
 
@@ -373,6 +407,82 @@ impl Harness {
     }
 }
 
+/// The CQL node the tests use.
+pub fn cql_node() -> String {
+    std::env::var("XSENDER_TEST_CQL").unwrap_or_else(|_| "127.0.0.1:9042".to_string())
+}
+
+/// Creates and migrates a keyspace no other test uses (like scylla-rust-driver's tests do).
+/// Fails, never skips, when no CQL node answers.
+pub async fn fresh_cql_keyspace() -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let keyspace = format!(
+        "xs_test_{}_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+        rand::random::<u32>()
+    );
+    let settings = CqlSettings {
+        nodes: vec![cql_node()],
+        keyspace: keyspace.clone(),
+        replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".to_string(),
+    };
+    static SWEPT: tokio::sync::OnceCell<()> = tokio::sync::OnceCell::const_new();
+    SWEPT.get_or_init(drop_keyspaces_of_finished_runs).await;
+    match cql::migrate(&settings).await {
+        Ok(_) => keyspace,
+        Err(e @ CqlError::Connect { .. }) => panic!(
+            "the CQL tests need a CQL node at {} (XSENDER_TEST_CQL): run `scripts/cassandra.sh start` first ({e})",
+            cql_node()
+        ),
+        Err(e) => panic!("migrating test keyspace {keyspace}: {e}"),
+    }
+}
+
+/// Test keyspaces are left behind when a test ends (so a failure can be inspected); once many
+/// have piled up, the first test of a later run drops those whose process is gone, so a
+/// long-lived development node does not fill up with tables.
+async fn drop_keyspaces_of_finished_runs() {
+    let Ok(session) = scylla::client::session_builder::SessionBuilder::new()
+        .known_node(cql_node())
+        .build()
+        .await
+    else {
+        return; // reported by the caller's migrate
+    };
+    let Ok(Some(rows)) = session
+        .query_unpaged("SELECT keyspace_name FROM system_schema.keyspaces", ())
+        .await
+        .map(|r| r.into_rows_result().ok())
+    else {
+        return;
+    };
+    let Ok(names) = rows.rows::<(String,)>() else {
+        return;
+    };
+    let finished: Vec<String> = names
+        .flatten()
+        .map(|(name,)| name)
+        .filter(|name| {
+            name.strip_prefix("xs_test_")
+                .and_then(|rest| rest.split('_').next())
+                .and_then(|p| p.parse::<u32>().ok())
+                .is_some_and(|pid| {
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                })
+        })
+        .collect();
+    // Schema changes take a second each: only sweep once there are many.
+    if finished.len() < 40 {
+        return;
+    }
+    for name in finished {
+        let _ = session
+            .query_unpaged(format!("DROP KEYSPACE IF EXISTS {name}"), ())
+            .await;
+    }
+}
+
 /// Polls `cond` until it holds; panics with the elapsed time otherwise. A correctness wait,
 /// not a timing assertion: the bound only keeps a broken build from hanging.
 pub async fn wait_until<F, Fut>(limit: Duration, mut cond: F)
@@ -426,18 +536,39 @@ macro_rules! backend_tests {
                 }
             )*
         }
+        /// Projections in Cassandra/ScyllaDB: needs `scripts/cassandra.sh start`.
+        mod cql {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::common::Backend::Cql).await
+                }
+            )*
+        }
     };
 }
 
 #[derive(Debug, Clone, Copy)]
 pub enum Backend {
+    /// Everything in SQLite files.
     Embedded,
+    /// Projections in a CQL keyspace of their own; the log stays embedded.
+    Cql,
 }
 
 impl Backend {
     pub async fn start(self, tenants: Vec<TenantSpec>) -> Harness {
+        self.start_with(tenants, |_| {}).await
+    }
+
+    pub async fn start_with(
+        self,
+        tenants: Vec<TenantSpec>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
         match self {
-            Backend::Embedded => Harness::embedded(tenants).await,
+            Backend::Embedded => Harness::embedded_with(tenants, tweak).await,
+            Backend::Cql => Harness::cql_with(tenants, tweak).await,
         }
     }
 }
