@@ -25,6 +25,24 @@ pub struct RawEnvelope {
     pub trace_parent: Option<String>,
 }
 
+impl RawEnvelope {
+    /// An envelope as ingress stores it after `verified` tenants' credentials verified it (the
+    /// only one becomes the default tenant). For tests, benches and tools; ingress builds its
+    /// own with a random id and the real receive time.
+    pub fn verified(provider: &str, body: impl Into<Vec<u8>>, verified: &[&str]) -> RawEnvelope {
+        RawEnvelope {
+            id: "env1".into(),
+            provider: provider.into(),
+            received_at_ms: 1_700_000_000_000,
+            verified_tenants: verified.iter().map(|s| s.to_string()).collect(),
+            default_tenant: (verified.len() == 1).then(|| verified[0].to_string()),
+            content_type: None,
+            body: body.into(),
+            trace_parent: None,
+        }
+    }
+}
+
 /// What happened to one email for one recipient, provider-neutral.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum EventKind {

@@ -11,16 +11,7 @@ fn provider(name: &str) -> std::sync::Arc<dyn Provider> {
 }
 
 fn envelope(provider: &str, body: Vec<u8>) -> RawEnvelope {
-    RawEnvelope {
-        trace_parent: None,
-        id: "env-1".into(),
-        provider: provider.into(),
-        received_at_ms: 1,
-        verified_tenants: vec!["acme".into()],
-        default_tenant: Some("acme".into()),
-        content_type: Some("application/json".into()),
-        body,
-    }
+    RawEnvelope::verified(provider, body, &["acme"])
 }
 
 fn fixture(path: &str) -> Vec<u8> {

@@ -561,16 +561,7 @@ mod tests {
     }
 
     fn env(body: impl Into<Vec<u8>>, verified: &[&str]) -> RawEnvelope {
-        RawEnvelope {
-            trace_parent: None,
-            id: "env1".into(),
-            provider: "mailjet".into(),
-            received_at_ms: 1,
-            verified_tenants: verified.iter().map(|s| s.to_string()).collect(),
-            default_tenant: (verified.len() == 1).then(|| verified[0].to_string()),
-            content_type: Some("application/json".into()),
-            body: body.into(),
-        }
+        RawEnvelope::verified("mailjet", body, verified)
     }
 
     fn events(out: Vec<Normalized>) -> Vec<DeliveryEvent> {

@@ -888,16 +888,7 @@ fn tenant_sections_are_checked() {
 // ---------------------------------------------------------------- SES events
 
 fn raw(body: Value) -> RawEnvelope {
-    RawEnvelope {
-        trace_parent: None,
-        id: "env1".into(),
-        provider: "ses".into(),
-        received_at_ms: 1_700_000_000_000,
-        verified_tenants: vec!["acme".into()],
-        default_tenant: Some("acme".into()),
-        content_type: Some("text/plain; charset=UTF-8".into()),
-        body: body.to_string().into_bytes(),
-    }
+    RawEnvelope::verified("ses", body.to_string(), &["acme"])
 }
 
 fn notification(message: &str) -> RawEnvelope {
