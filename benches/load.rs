@@ -46,7 +46,7 @@ use tokio::net::TcpStream;
 #[derive(Parser, Debug, Clone)]
 #[command(about = "Load harness for xsender-events (127.0.0.1 only)")]
 struct Args {
-    /// Passed by `cargo bench`; ignored.
+    /// Passed by `cargo bench`; without it (`cargo test --all-targets`) the harness does nothing.
     #[arg(long, hide = true)]
     bench: bool,
     /// `embedded` (spawn `xsender-events serve`) or `external` (--url, --pid).
@@ -754,6 +754,11 @@ struct Report {
 
 fn main() {
     let args = Args::parse();
+    if !args.bench {
+        // `cargo test --all-targets` runs bench targets without `--bench`: no load then.
+        eprintln!("load harness: run it with `cargo bench --bench load -- [options]`");
+        return;
+    }
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
