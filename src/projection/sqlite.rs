@@ -76,6 +76,10 @@ impl SqliteProjections {
                 .map_err(unavailable)?;
         }
         tx.commit().map_err(unavailable)?;
+        // The projector's connection: 16 MiB of page cache (default 2 MiB), so the rows a batch
+        // reads and rewrites stay in memory instead of being read back with a syscall each.
+        conn.execute_batch("PRAGMA cache_size=-16384;")
+            .map_err(unavailable)?;
         let readers = (0..4)
             .map(|_| connect(path).map(|c| Arc::new(Mutex::new(c))))
             .collect::<rusqlite::Result<Vec<_>>>()
