@@ -87,6 +87,9 @@ struct Args {
     baseline_bin: Option<PathBuf>,
     #[arg(long)]
     server_bin: Option<PathBuf>,
+    /// Also time `rebuild` with this (older) binary on the same log, for a before/after ratio.
+    #[arg(long)]
+    rebuild_compare_bin: Option<PathBuf>,
     /// JSON results.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -750,6 +753,8 @@ struct Report {
     phases: Vec<PhaseResult>,
     server_vm_hwm_mib: Option<f64>,
     rebuild: Option<Value>,
+    fsync_per_s_4k: f64,
+    fsync_per_s_1m: f64,
 }
 
 fn main() {
@@ -800,6 +805,10 @@ async fn run(args: Args) {
     let tenants = dir.join("tenants.toml");
     std::fs::write(&tenants, traffic.tenants_toml()).unwrap();
 
+    // Primitive: fsyncs/s on this disk (4 KiB appends, and 1 MiB appends as a big group).
+    let fsync_4k = fsync_rate(&dir, 4096, 2.0);
+    let fsync_1m = fsync_rate(&dir, 1 << 20, 2.0);
+    println!("primitive  fsync: {fsync_4k:.0}/s after a 4 KiB append, {fsync_1m:.0}/s after a 1 MiB append");
     let mut phases = Vec::new();
     let shapes = [Shape::SendGrid(100), Shape::Mailgun, Shape::Mailjet];
     let secs = args.duration as f64;
@@ -943,6 +952,8 @@ async fn run(args: Args) {
         phases,
         server_vm_hwm_mib: hwm,
         rebuild,
+        fsync_per_s_4k: fsync_4k,
+        fsync_per_s_1m: fsync_1m,
     };
     if let Some(out) = &args.out {
         std::fs::write(out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
@@ -967,7 +978,8 @@ async fn fill_and_rebuild(
     dir: &Path,
     child: Option<Child>,
 ) -> Value {
-    let logged = count_events(&dir.join("data/log.db"));
+    let db = dir.join("data/log.db");
+    let logged = count_events(&db);
     let want = args.rebuild_events.saturating_sub(logged);
     let per = 1000u64;
     let requests = want.div_ceil(per);
@@ -993,29 +1005,65 @@ async fn fill_and_rebuild(
         t.await.unwrap();
     }
     let fill = started.elapsed().as_secs_f64();
-    let caught = settle(traffic, server, Shape::Mailgun).await;
-    drop(child); // stop the server: the rebuild gets the machine to itself
-    let events = count_events(&dir.join("data/log.db"));
-    println!("log holds {events} events (fill {fill:.1}s, projections caught up {caught:.1}s later); rebuilding");
+    // Wait for the normalizer (the events log), not the projector: rebuild replays events.
+    let target = logged + requests * per;
     let t = Instant::now();
-    let out = std::process::Command::new(server_bin(args))
-        .args(["rebuild", "--data-dir"])
-        .arg(dir.join("data"))
-        .env("RUST_LOG", "warn")
-        .output()
-        .unwrap();
-    let secs = t.elapsed().as_secs_f64();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!(
-        "rebuild of {events} events: {secs:.1}s ({:.0} events/s)",
-        events as f64 / secs
-    );
+    while count_events(&db) < target && t.elapsed() < Duration::from_secs(900) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let normalized = t.elapsed().as_secs_f64();
+    drop(child); // stop the server: the rebuild gets the machine to itself
+    let events = count_events(&db);
+    println!("log holds {events} events (fill {fill:.1}s, normalized {normalized:.1}s later); rebuilding");
+    let time_rebuild = |bin: &Path| {
+        let t = Instant::now();
+        let out = std::process::Command::new(bin)
+            .args(["rebuild", "--drop-old", "--data-dir"])
+            .arg(dir.join("data"))
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        println!(
+            "rebuild of {events} events with {}: {secs:.1}s ({:.0} events/s)",
+            bin.display(),
+            events as f64 / secs
+        );
+        secs
+    };
+    let secs = time_rebuild(&server_bin(args));
+    let compare = args.rebuild_compare_bin.as_deref().map(|b| {
+        let before = time_rebuild(b);
+        // And the current binary once more, so the pair is measured back to back.
+        let after = time_rebuild(&server_bin(args));
+        json!({"bin": b, "seconds": before, "current_seconds": after, "speedup": before / after})
+    });
     json!({"events": events, "seconds": secs, "events_per_s": events as f64 / secs,
-           "fill_seconds": fill, "stdout": String::from_utf8_lossy(&out.stdout)})
+           "fill_seconds": fill, "normalize_wait_seconds": normalized, "compare": compare})
+}
+
+/// The primitive under group commit: how many appends+fsyncs of `size` bytes a file in the data
+/// folder takes per second (one writer, like the log's).
+fn fsync_rate(dir: &Path, size: usize, secs: f64) -> f64 {
+    use std::io::Write;
+    let path = dir.join("fsync-probe");
+    let mut f = std::fs::File::create(&path).unwrap();
+    let buf = vec![0x5Au8; size];
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        f.write_all(&buf).unwrap();
+        f.sync_data().unwrap();
+        n += 1;
+    }
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let _ = std::fs::remove_file(&path);
+    rate
 }
 
 fn count_events(db: &Path) -> u64 {

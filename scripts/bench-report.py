@@ -142,12 +142,23 @@ def load_tables(r, rebuild_target):
         )
     if r.get("server_vm_hwm_mib") is not None:
         lines.append(f"Server peak RSS over the whole run (VmHWM): **{r['server_vm_hwm_mib']:.0f} MiB**.")
+    if r.get("fsync_per_s_4k"):
+        lines.append(
+            f"\nPrimitive under the group commit, same run, same disk: **{r['fsync_per_s_4k']:.0f} fsync/s** "
+            f"after a 4 KiB append, {r['fsync_per_s_1m']:.0f} fsync/s after a 1 MiB append."
+        )
     rb = r.get("rebuild")
     if rb:
         lines.append(
             f"\nRebuild (`xsender-events rebuild`) of **{rb['events']:,} logged events: {rb['seconds']:.1f} s** "
             f"({rb['events_per_s']:,.0f} events/s; target ≤ {rebuild_target} s)."
         )
+        c = rb.get("compare")
+        if c:
+            lines.append(
+                f"Same log, back to back: `{Path(c['bin']).name}` {c['seconds']:.1f} s, this build "
+                f"{c['current_seconds']:.1f} s: **{c['speedup']:.2f}× faster**."
+            )
     lines.append("")
     return "\n".join(lines)
 

@@ -6,6 +6,7 @@
 #   scripts/bench.sh                 # full run (~15 min on 2 cores)
 #   QUICK=1 scripts/bench.sh         # shorter phases, no 1M-event rebuild (smoke test)
 #   SOAK=300 REBUILD_EVENTS=1000000 scripts/bench.sh
+#   COMPARE_BIN=/path/to/older/xsender-events scripts/bench.sh   # rebuild before/after
 #
 # All traffic goes to 127.0.0.1 and every phase is bounded in time.
 set -euo pipefail
@@ -41,8 +42,10 @@ echo "== criterion (benches/pipeline.rs)"
 cargo bench --bench pipeline -- "${CRITERION_ARGS[@]}" 2>&1 | tee "$OUT/criterion.txt"
 
 echo "== load harness (benches/load.rs): baseline handler, then the embedded server"
+# COMPARE_BIN=<older xsender-events>: also time its rebuild on the same log (before/after).
 cargo bench --bench load -- --duration "$DURATION" --soak "$SOAK" \
-  --rebuild-events "$REBUILD_EVENTS" --out "$OUT/load.json" 2>&1 | tee "$OUT/load.txt"
+  --rebuild-events "$REBUILD_EVENTS" --out "$OUT/load.json" \
+  ${COMPARE_BIN:+--rebuild-compare-bin "$COMPARE_BIN"} 2>&1 | tee "$OUT/load.txt"
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
 
 python3 scripts/bench-report.py --criterion "$CARGO_TARGET_DIR/criterion" --load "$OUT/load.json" \
