@@ -53,10 +53,11 @@ impl Normalizer {
         // Envelopes per step: up to `batch_size`, fewer while envelopes are large batches, so
         // one commit stays around TARGET_EVENTS events. The log's writer also takes webhook
         // appends, which wait behind a huge normalizer commit (256 SendGrid batches of 1000 are
-        // 256,000 rows).
-        const TARGET_EVENTS: usize = 4096;
+        // 256,000 rows), and a step holds all its parsed bodies in memory at once. The first
+        // step is small, before the size of the envelopes is known.
+        const TARGET_EVENTS: usize = 2048;
         let batch_size = batch_size.max(1);
-        let mut take = batch_size;
+        let mut take = batch_size.min(8);
         loop {
             if shutdown.is_shutdown() {
                 return;
