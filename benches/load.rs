@@ -940,9 +940,23 @@ async fn run(args: Args) {
         println!("server VmHWM (peak RSS over the run): {h:.0} MiB");
     }
 
+    drop(child);
     let mut rebuild = None;
     if args.rebuild_events > 0 && args.target == "embedded" {
-        rebuild = Some(fill_and_rebuild(&args, &traffic, &server, &dir, child).await);
+        // A fresh server and data folder, so the log holds exactly the events asked for.
+        let rdir = dir.join("rebuild");
+        std::fs::create_dir_all(&rdir).unwrap();
+        let rport = free_port();
+        let child = spawn_server(&args, &rdir, &tenants, rport);
+        let rserver = Target {
+            name: "embedded".into(),
+            addr: format!("127.0.0.1:{rport}"),
+            pid: Some(child.child.id()),
+            probes: true,
+        };
+        wait_ready(&rserver.addr).await;
+        let rtraffic = Arc::new(Traffic::new(rserver.addr.clone()));
+        rebuild = Some(fill_and_rebuild(&args, &rtraffic, &rserver, &rdir, Some(child)).await);
     }
 
     let report = Report {
@@ -969,8 +983,8 @@ async fn wait_ready_any(addr: &str) {
     }
 }
 
-/// Counts events in the log (the server's events table) with the sqlite3-free way: the rebuild
-/// report prints it. Here we fill by request count instead.
+/// Fills the log of `server` to `--rebuild-events` events with SendGrid batches of 1000, waits
+/// for the normalizer, stops the server and times `xsender-events rebuild` on its data folder.
 async fn fill_and_rebuild(
     args: &Args,
     traffic: &Arc<Traffic>,
