@@ -127,10 +127,11 @@ def load_tables(r, rebuild_target):
     if vis:
         lines.append("| phase | visible in read API after the 2xx: p50 | p99 | max | samples |")
         lines.append("|---|---|---|---|---|")
+        ms = lambda v: "not visible within 30 s" if v is None else f"{v:.0f} ms"
         for p in vis:
             lines.append(
-                f"| {p['phase']} | {p['visible_p50_ms']:.0f} ms | {p['visible_p99_ms']:.0f} ms | "
-                f"{p['visible_max_ms']:.0f} ms | {p['visible_samples']} |"
+                f"| {p['target']} {p['phase']} | {ms(p['visible_p50_ms'])} | {ms(p['visible_p99_ms'])} | "
+                f"{ms(p['visible_max_ms'])} | {p['visible_samples']} |"
             )
         lines.append("")
     soak = [p for p in phases if p["phase"] == "mix_soak"]
@@ -163,12 +164,34 @@ def load_tables(r, rebuild_target):
     return "\n".join(lines)
 
 
+def before_after(before, after):
+    lines = ["### Before / after (older binary, then this build, back to back)\n",
+             "| phase | before req/s | after req/s | after ÷ before | p99 before → after (ms) |",
+             "|---|---|---|---|---|"]
+    b = {p["phase"]: p for p in before["phases"] if p["target"] != "baseline"}
+    for p in after["phases"]:
+        q = b.get(p["phase"])
+        if p["target"] == "baseline" or not q or not q["requests_per_s"]:
+            continue
+        lines.append(
+            f"| {p['phase']} | {q['requests_per_s']:.0f} | {p['requests_per_s']:.0f} | "
+            f"**{p['requests_per_s'] / q['requests_per_s']:.2f}×** | {q['p99_ms']:.0f} → {p['p99_ms']:.0f} |"
+        )
+    hb, ha = before.get("server_vm_hwm_mib"), after.get("server_vm_hwm_mib")
+    if hb and ha:
+        lines.append(f"\nServer peak RSS (VmHWM) over these runs: before {hb:.0f} MiB, after {ha:.0f} MiB.")
+    lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     target = os.environ.get("CARGO_TARGET_DIR", "target")
     ap.add_argument("--criterion", default=os.path.join(target, "criterion"))
     ap.add_argument("--load")
     ap.add_argument("--rebuild-target-s", default=20)
+    ap.add_argument("--load-before", help="load JSON of an older binary (same session)")
+    ap.add_argument("--load-after", help="load JSON of this build, run right after --load-before")
     a = ap.parse_args()
     out = []
     root = Path(a.criterion)
@@ -178,6 +201,9 @@ def main():
         print(f"no criterion results under {root}", file=sys.stderr)
     if a.load:
         out.append(load_tables(json.loads(Path(a.load).read_text()), a.rebuild_target_s))
+    if a.load_before and a.load_after:
+        out.append(before_after(json.loads(Path(a.load_before).read_text()),
+                                json.loads(Path(a.load_after).read_text())))
     print("\n".join(out))
 
 

@@ -6,7 +6,7 @@
 #   scripts/bench.sh                 # full run (~15 min on 2 cores)
 #   QUICK=1 scripts/bench.sh         # shorter phases, no 1M-event rebuild (smoke test)
 #   SOAK=300 REBUILD_EVENTS=1000000 scripts/bench.sh
-#   COMPARE_BIN=/path/to/older/xsender-events scripts/bench.sh   # rebuild before/after
+#   COMPARE_BIN=/path/to/older/xsender-events scripts/bench.sh   # before/after: load and rebuild
 #
 # All traffic goes to 127.0.0.1 and every phase is bounded in time.
 set -euo pipefail
@@ -23,6 +23,7 @@ else
   DURATION="${DURATION:-10}"; SOAK="${SOAK:-120}"; REBUILD_EVENTS="${REBUILD_EVENTS:-1000000}"
   CRITERION_ARGS=()
 fi
+COMPARE_ARGS=()
 
 {
   echo "date: $(date -u +%FT%TZ)"
@@ -46,10 +47,19 @@ echo "== load harness (benches/load.rs): baseline handler, then the embedded ser
 cargo bench --bench load -- --duration "$DURATION" --soak "$SOAK" \
   --rebuild-events "$REBUILD_EVENTS" --out "$OUT/load.json" \
   ${COMPARE_BIN:+--rebuild-compare-bin "$COMPARE_BIN"} 2>&1 | tee "$OUT/load.txt"
+if [[ -n "${COMPARE_BIN:-}" ]]; then
+  echo "== load harness again, older binary then this build, back to back (before/after)"
+  for who in before after; do
+    bin="$CARGO_TARGET_DIR/release/xsender-events"; [[ $who == before ]] && bin="$COMPARE_BIN"
+    cargo bench --bench load -- --duration "$DURATION" --soak 0 --rebuild-events 0 --no-baseline \
+      --server-bin "$bin" --out "$OUT/load-$who.json" 2>&1 | tee "$OUT/load-$who.txt"
+  done
+  COMPARE_ARGS=(--load-before "$OUT/load-before.json" --load-after "$OUT/load-after.json")
+fi
 echo "load average at end: $(cut -d' ' -f1-3 /proc/loadavg)" | tee -a "$OUT/machine.txt"
 
 python3 scripts/bench-report.py --criterion "$CARGO_TARGET_DIR/criterion" --load "$OUT/load.json" \
-  > "$OUT/tables.md"
+  "${COMPARE_ARGS[@]}" > "$OUT/tables.md"
 {
   echo '```'; cat "$OUT/machine.txt"; echo '```'; echo; cat "$OUT/tables.md"
 } > "$OUT/section.md"
