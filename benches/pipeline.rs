@@ -10,6 +10,8 @@
 //!   key (`tests/fixtures/ses/local_signer_*.pem`, certificate served by an in-process fake
 //!   fetcher, cached after the first request as in production), against one RSA-2048 PKCS#1
 //!   v1.5 verification and a `serde_json::Value` parse of the same body;
+//! - `projection`: the projector's SQLite apply of 1000 fresh events against the bare SQLite
+//!   row inserts it implies (same tables, keys and indexes);
 //! - `log`: appending envelopes to the embedded log (group commit) against a bare SQLite insert.
 
 use std::sync::Arc;
@@ -545,6 +547,97 @@ fn avro(c: &mut Criterion) {
     });
     g.finish();
 }
+/// The projector's SQLite apply of 1000 fresh events (each a new dispatch, the costly case),
+/// against the bare SQLite inserts it cannot avoid on the same connection settings: one row in a
+/// `seen`-shaped table and one in a `dispatches`-shaped table (same keys, same indexes, a state
+/// string of the same length) per event, in one transaction.
+fn projection(c: &mut Criterion) {
+    use xsender_events::log::Record;
+    use xsender_events::projection::sqlite::SqliteProjections;
+    use xsender_events::projection::ProjectionStore;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteProjections::open(&dir.path().join("projections.db")).unwrap();
+    let template = sendgrid_events(1000);
+    // The stored state of a freshly folded dispatch is its row as JSON.
+    let state_len = serde_json::to_string(&xsender_events::fold::fold_dispatch(None, &template[0]))
+        .unwrap()
+        .len();
+    let mut round = 0u64;
+    let mut offset = 0i64;
+    // Fresh keys every iteration: the same events twice would only hit the dedupe.
+    let mut fresh = move || {
+        round += 1;
+        template
+            .iter()
+            .map(|e| {
+                offset += 1;
+                let mut e = e.clone();
+                e.event_key = format!(
+                    "{:032x}",
+                    (round << 20) ^ offset as u64 ^ 0x9e37_79b9_7f4a_7c15
+                );
+                e.dispatch_key = format!("d:r{round}-{}", e.dispatch_key);
+                Record { offset, value: e }
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut g = c.benchmark_group("projection");
+    g.sample_size(20);
+    g.throughput(Throughput::Elements(1000));
+    g.bench_function("apply/1000", |b| {
+        b.iter_batched(
+            &mut fresh,
+            |batch| rt.block_on(store.apply(batch)).unwrap(),
+            BatchSize::LargeInput,
+        )
+    });
+    let bare = rusqlite::Connection::open(dir.path().join("bare.db")).unwrap();
+    bare.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-16384;
+         CREATE TABLE seen (tenant TEXT NOT NULL, event_key TEXT NOT NULL, PRIMARY KEY (tenant, event_key)) WITHOUT ROWID;
+         CREATE TABLE dispatches (tenant TEXT NOT NULL, dispatch_key TEXT NOT NULL, campaign_id TEXT, dispatch_id TEXT,
+            status TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (tenant, dispatch_key)) WITHOUT ROWID;
+         CREATE INDEX dispatches_campaign ON dispatches (tenant, campaign_id, dispatch_key);
+         CREATE INDEX dispatches_id ON dispatches (tenant, dispatch_id);",
+    )
+    .unwrap();
+    let state = "x".repeat(state_len);
+    let mut bare_round = 0u64;
+    g.bench_function("primitive_sqlite_rows/1000", |b| {
+        b.iter(|| {
+            bare_round += 1;
+            let tx = bare.unchecked_transaction().unwrap();
+            {
+                let mut seen = tx
+                    .prepare_cached("INSERT INTO seen (tenant, event_key) VALUES (?1, ?2)")
+                    .unwrap();
+                let mut d = tx
+                    .prepare_cached("INSERT INTO dispatches (tenant, dispatch_key, campaign_id, dispatch_id, status, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                    .unwrap();
+                for i in 0..1000u64 {
+                    let k = format!("{:032x}", (bare_round << 20) ^ i ^ 0x9e37_79b9_7f4a_7c15);
+                    seen.execute(rusqlite::params!["acme", k]).unwrap();
+                    d.execute(rusqlite::params![
+                        "acme",
+                        format!("d:r{bare_round}-d-{i}"),
+                        "spring",
+                        format!("d-{i}"),
+                        "Delivered",
+                        state
+                    ])
+                    .unwrap();
+                }
+            }
+            tx.commit().unwrap();
+        })
+    });
+    g.finish();
+}
 
 fn sendgrid_events(n: usize) -> Vec<DeliveryEvent> {
     let providers = registry(&ProviderSettings::default());
@@ -574,6 +667,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = sendgrid, mailgun, mailjet, ses, fold, avro, log
+    targets = sendgrid, mailgun, mailjet, ses, fold, avro, projection, log
 }
 criterion_main!(benches);

@@ -90,6 +90,7 @@ def criterion_tables(c):
         ("avro/encode_event/1000", "apache-avro encode (same records)", "avro/apache_encode_event/1000"),
         ("avro/decode_event/1000", "apache-avro decode (same bytes)", "avro/apache_decode_event/1000"),
         ("fold/apply/1000", "Avro encode of the same events", "fold/primitive_avro_encode/1000"),
+        ("projection/apply/1000", "bare SQLite rows it implies (seen + dispatch, same indexes)", "projection/primitive_sqlite_rows/1000"),
         ("log/append_concurrent_64", "bare SQLite: 64 inserts, 1 commit", "log/primitive_sqlite_insert_64"),
     ]
     for key, what, pk in pairs:
