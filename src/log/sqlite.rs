@@ -1,7 +1,8 @@
 //! The embedded log: one SQLite file (WAL, `synchronous=FULL`). All writes go through one
 //! writer thread that takes every request waiting in its queue into a single transaction, so
 //! concurrent webhook requests share one fsync (group commit). Readers use their own
-//! connections, which WAL lets run beside the writer.
+//! connections, which WAL lets run beside the writer; a background thread checkpoints the WAL
+//! so the writer never does.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -228,7 +229,7 @@ fn checkpoint_loop(conn: Connection, stop: Arc<std::sync::atomic::AtomicBool>) {
             tracing::debug!(error = %e, "log checkpoint skipped");
         }
     }
-    // A last full pass, so a stopped log leaves a small WAL behind.
+    // One last pass, so a stopped log leaves a small WAL behind.
     let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
 }
 
