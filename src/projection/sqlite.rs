@@ -2,7 +2,7 @@
 //! (`dispatches_<g>`, `seen_<g>`, `suppressions_<g>`, `contacts_<g>`), and a `current` row
 //! that names the generation readers and the projector use.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -76,6 +76,10 @@ impl SqliteProjections {
                 .map_err(unavailable)?;
         }
         tx.commit().map_err(unavailable)?;
+        // The projector's connection: 16 MiB of page cache (default 2 MiB), so the rows a batch
+        // reads and rewrites stay in memory instead of being read back with a syscall each.
+        conn.execute_batch("PRAGMA cache_size=-16384;")
+            .map_err(unavailable)?;
         let readers = (0..4)
             .map(|_| connect(path).map(|c| Arc::new(Mutex::new(c))))
             .collect::<rusqlite::Result<Vec<_>>>()
@@ -164,9 +168,11 @@ fn apply_in_tx(
     let Some(last) = fresh.last().map(|r| r.offset) else {
         return Ok(checkpoint);
     };
-    let mut dispatches: HashMap<(String, String), DispatchRow> = HashMap::new();
-    let mut suppressions: HashMap<(String, String, String), SuppressionRow> = HashMap::new();
-    let mut contacts: HashMap<(String, String), ContactRow> = HashMap::new();
+    // Ordered maps: rows are written back in key order, so consecutive upserts land on the same
+    // or neighbouring b-tree pages instead of all over the table.
+    let mut dispatches: BTreeMap<(String, String), DispatchRow> = BTreeMap::new();
+    let mut suppressions: BTreeMap<(String, String, String), SuppressionRow> = BTreeMap::new();
+    let mut contacts: BTreeMap<(String, String), ContactRow> = BTreeMap::new();
     {
         let mut seen = tx
             .prepare_cached(&format!(
@@ -186,15 +192,27 @@ fn apply_in_tx(
                 "SELECT state FROM contacts_{g} WHERE tenant = ?1 AND email = ?2"
             ))
             .map_err(unavailable)?;
-        for rec in fresh {
-            let ev = &rec.value;
-            if seen
+        // Event keys are hashes, so inserting them in arrival order touches a random page of
+        // `seen` each; in key order they share pages. A stable sort keeps the first of two
+        // copies in one batch the one that counts, as before.
+        let mut order: Vec<usize> = (0..fresh.len()).collect();
+        order.sort_by(|&a, &b| {
+            let (x, y) = (&fresh[a].value, &fresh[b].value);
+            (&x.tenant, &x.event_key).cmp(&(&y.tenant, &y.event_key))
+        });
+        let mut is_new = vec![false; fresh.len()];
+        for i in order {
+            let ev = &fresh[i].value;
+            is_new[i] = seen
                 .execute(params![ev.tenant, ev.event_key])
                 .map_err(unavailable)?
-                == 0
-            {
+                > 0;
+        }
+        for (rec, new) in fresh.iter().zip(is_new) {
+            if !new {
                 continue; // a duplicate: already folded
             }
+            let ev = &rec.value;
             let k = (ev.tenant.clone(), ev.dispatch_key.clone());
             let row = match dispatches.remove(&k) {
                 Some(r) => Some(r),

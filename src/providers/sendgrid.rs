@@ -117,16 +117,7 @@ impl Provider for SendGrid {
     ) -> Result<Verified, Rejection> {
         // Structure first: a body that SendGrid could never have sent is a 400 whatever its
         // signature, and tells the sender exactly that.
-        let items = match serde_json::from_slice::<Value>(req.body) {
-            Ok(Value::Array(a)) => a.len(),
-            Ok(Value::Object(_)) => 1,
-            Ok(_) => {
-                return Err(Rejection::malformed(
-                    "SendGrid posts a JSON array of event objects; got another JSON type",
-                ))
-            }
-            Err(e) => return Err(Rejection::malformed(format!("body is not valid JSON: {e}"))),
-        };
+        let items = count_items(req.body)?;
 
         let sig_b64 = header(req, SIGNATURE_HEADER).ok_or_else(|| {
             Rejection::unauthorized(
@@ -220,6 +211,26 @@ impl Provider for SendGrid {
             }
         };
         items.iter().map(|item| normalize_item(env, item)).collect()
+    }
+}
+
+/// Checks that the body is JSON of SendGrid's shape (an array of events, or one event object)
+/// and counts its items, without building a `Value` tree: ingress only needs the count, and the
+/// normalizer parses the envelope for real later.
+fn count_items(body: &[u8]) -> Result<usize, Rejection> {
+    use serde::de::IgnoredAny;
+    let first = body.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let parsed = match first {
+        Some(b'[') => serde_json::from_slice::<Vec<IgnoredAny>>(body).map(|a| Some(a.len())),
+        Some(b'{') => serde_json::from_slice::<IgnoredAny>(body).map(|_| Some(1)),
+        _ => serde_json::from_slice::<IgnoredAny>(body).map(|_| None),
+    };
+    match parsed {
+        Ok(Some(n)) => Ok(n),
+        Ok(None) => Err(Rejection::malformed(
+            "SendGrid posts a JSON array of event objects; got another JSON type",
+        )),
+        Err(e) => Err(Rejection::malformed(format!("body is not valid JSON: {e}"))),
     }
 }
 

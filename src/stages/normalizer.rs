@@ -106,17 +106,28 @@ impl Normalizer {
 
     /// Runs until shutdown: read after the checkpoint, normalize, commit, repeat.
     pub async fn run(self, log: Arc<dyn NormalizerLog>, batch_size: usize, mut shutdown: Shutdown) {
+        // Envelopes per step: up to `batch_size`, fewer while envelopes are large batches, so
+        // one commit stays around TARGET_EVENTS events. The log's writer also takes webhook
+        // appends, which wait behind a huge normalizer commit (256 SendGrid batches of 1000 are
+        // 256,000 rows), and a step holds all its parsed bodies in memory at once. The first
+        // step is small, before the size of the envelopes is known.
+        const TARGET_EVENTS: usize = 2048;
+        let batch_size = batch_size.max(1);
+        let mut take = batch_size.min(8);
         loop {
             if shutdown.is_shutdown() {
                 return;
             }
             let step = async {
                 let cp = log.normalizer_checkpoint().await?;
-                let records = log.read_envelopes(cp, batch_size).await?;
+                let records = log.read_envelopes(cp, take).await?;
                 if records.is_empty() {
                     return Ok::<bool, crate::log::LogError>(false);
                 }
                 let batch = self.normalize(&records);
+                let produced = batch.events.len() + batch.dead_letters.len();
+                let per_envelope = produced.div_ceil(records.len()).max(1);
+                take = (TARGET_EVENTS / per_envelope).clamp(1, batch_size);
                 let tally = Self::tally(&batch);
                 log.commit_normalized(batch).await?;
                 self.count(tally);

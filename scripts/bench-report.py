@@ -1,0 +1,212 @@
+#!/usr/bin/env python3
+"""Prints the benchmark tables: criterion results (each hot path beside the primitives that
+bound it, measured in the same run) and, if given, the load harness's JSON (each figure beside
+the baseline HTTP handler's on the same request stream).
+
+    scripts/bench-report.py [--criterion DIR] [--load FILE.json] [--rebuild-target-s 20]
+
+DIR defaults to $CARGO_TARGET_DIR/criterion. Only ratios between figures of one run mean
+anything on a shared machine; absolute numbers are printed for scale.
+"""
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def load_criterion(root):
+    """full_id -> (mean seconds per iteration, elements per iteration or None)."""
+    out = {}
+    for bench in root.rglob("new/benchmark.json"):
+        est = bench.parent / "estimates.json"
+        if not est.exists():
+            continue
+        b = json.loads(bench.read_text())
+        e = json.loads(est.read_text())
+        thr = b.get("throughput") or {}
+        elements = thr.get("Elements") if isinstance(thr, dict) else None
+        out[b["full_id"]] = (e["mean"]["point_estimate"] / 1e9, elements)
+    return out
+
+
+def fmt_rate(x):
+    if x >= 1e6:
+        return f"{x / 1e6:.2f} M/s"
+    if x >= 1e3:
+        return f"{x / 1e3:.1f} k/s"
+    return f"{x:.0f} /s"
+
+
+def fmt_time(s):
+    if s >= 1e-3:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s * 1e6:.1f} µs"
+
+
+def criterion_tables(c):
+    lines = []
+    t = lambda k: c[k][0] if k in c else None
+
+    lines.append("### Verify + split + normalize, per provider (one core)\n")
+    lines.append(
+        "| bench | time/request | events/s | primitives on the same bytes | primitive floor | share of floor |"
+    )
+    lines.append("|---|---|---|---|---|---|")
+    rows = []
+    for n in (1, 100, 1000):
+        rows.append((
+            f"sendgrid batch {n}", f"sendgrid/verify_normalize/{n}", n,
+            [("ECDSA P-256 verify", "sendgrid/primitive_ecdsa_p256_verify"),
+             ("JSON→Value", f"sendgrid/primitive_json_value/{n}")],
+        ))
+    rows.append(("mailgun single", "mailgun/verify_normalize/1", 1,
+                 [("HMAC-SHA256", "mailgun/primitive_hmac_sha256"),
+                  ("JSON→Value", "mailgun/primitive_json_value/1")]))
+    rows.append(("mailjet single", "mailjet/verify_normalize/1", 1,
+                 [("JSON→Value", "mailjet/primitive_json_value/1")]))
+    rows.append(("ses single (SNS)", "ses/verify_normalize/1", 1,
+                 [("RSA-2048 verify", "ses/primitive_rsa2048_verify"),
+                  ("JSON→Value", "ses/primitive_json_value/1")]))
+    for name, key, n, prims in rows:
+        m = t(key)
+        if m is None:
+            continue
+        ps = [(pn, t(pk)) for pn, pk in prims if t(pk) is not None]
+        floor = sum(p for _, p in ps)
+        plist = ", ".join(f"{pn} {fmt_time(p)}" for pn, p in ps)
+        lines.append(
+            f"| {name} | {fmt_time(m)} | {fmt_rate(n / m)} | {plist} | {fmt_rate(n / floor)} events/s | **{floor / m:.0%}** |"
+        )
+    lines.append(
+        "\n*primitive floor*: events/s if a request cost only the listed primitives (sum of their "
+        "times); *share of floor* = floor time / measured time (100% = nothing but the primitives).\n"
+    )
+
+    lines.append("### Codec, fold and log\n")
+    lines.append("| bench | time/iter | rate | compared with | its time | ratio |")
+    lines.append("|---|---|---|---|---|---|")
+    pairs = [
+        ("avro/encode_event/1000", "apache-avro encode (same records)", "avro/apache_encode_event/1000"),
+        ("avro/decode_event/1000", "apache-avro decode (same bytes)", "avro/apache_decode_event/1000"),
+        ("fold/apply/1000", "Avro encode of the same events", "fold/primitive_avro_encode/1000"),
+        ("projection/apply/1000", "bare SQLite rows it implies (seen + dispatch, same indexes)", "projection/primitive_sqlite_rows/1000"),
+        ("log/append_concurrent_64", "bare SQLite: 64 inserts, 1 commit", "log/primitive_sqlite_insert_64"),
+    ]
+    for key, what, pk in pairs:
+        if key not in c:
+            continue
+        m, el = c[key]
+        p = t(pk)
+        rate = fmt_rate(el / m) if el else ""
+        ratio = f"**{p / m:.2f}×** of its speed" if p else ""
+        lines.append(f"| {key} | {fmt_time(m)} | {rate} | {what} | {fmt_time(p) if p else ''} | {ratio} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def load_tables(r, rebuild_target):
+    lines = []
+    m = r.get("machine", {})
+    lines.append(f"### Load harness ({m.get('nproc')} CPUs, {m.get('cpu')}; generator on the same machine)\n")
+    phases = r["phases"]
+    base = {p["phase"]: p for p in phases if p["target"] == "baseline"}
+    lines.append(
+        "| target | phase | req/s | events/s | vs baseline req/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | generator cores |"
+    )
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for p in phases:
+        b = base.get(p["phase"]) if p["target"] != "baseline" else None
+        vs = f"**{p['requests_per_s'] / b['requests_per_s']:.0%}**" if b and b["requests_per_s"] else ""
+        lines.append(
+            f"| {p['target']} | {p['phase']} | {p['requests_per_s']:.0f} | {p['events_per_s']:.0f} | {vs} | "
+            f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['p999_ms']:.2f} | {p['errors']} | "
+            f"{p['server_cores']:.2f} | {p['client_cores']:.2f} |"
+        )
+    lines.append("")
+    vis = [p for p in phases if p.get("visible_samples")]
+    if vis:
+        lines.append("| phase | visible in read API after the 2xx: p50 | p99 | max | samples |")
+        lines.append("|---|---|---|---|---|")
+        ms = lambda v: "not visible within 30 s" if v is None else f"{v:.0f} ms"
+        for p in vis:
+            lines.append(
+                f"| {p['target']} {p['phase']} | {ms(p['visible_p50_ms'])} | {ms(p['visible_p99_ms'])} | "
+                f"{ms(p['visible_max_ms'])} | {p['visible_samples']} |"
+            )
+        lines.append("")
+    soak = [p for p in phases if p["phase"] == "mix_soak"]
+    for p in soak:
+        lines.append(
+            f"Soak ({p['seconds']:.0f} s at {p['requests_per_s']:.0f} req/s): server RSS "
+            f"{p['rss_start_mib']:.0f} MiB at start, {p['rss_end_mib']:.0f} MiB at end, max "
+            f"{p['rss_max_mib']:.0f} MiB."
+        )
+    if r.get("server_vm_hwm_mib") is not None:
+        lines.append(f"Server peak RSS over the whole run (VmHWM): **{r['server_vm_hwm_mib']:.0f} MiB**.")
+    if r.get("fsync_per_s_4k"):
+        lines.append(
+            f"\nPrimitive under the group commit, same run, same disk: **{r['fsync_per_s_4k']:.0f} fsync/s** "
+            f"after a 4 KiB append, {r['fsync_per_s_1m']:.0f} fsync/s after a 1 MiB append."
+        )
+    rb = r.get("rebuild")
+    if rb:
+        lines.append(
+            f"\nRebuild (`xsender-events rebuild`) of **{rb['events']:,} logged events: {rb['seconds']:.1f} s** "
+            f"({rb['events_per_s']:,.0f} events/s; target ≤ {rebuild_target} s)."
+        )
+        c = rb.get("compare")
+        if c:
+            lines.append(
+                f"Same log, back to back: `{Path(c['bin']).name}` {c['seconds']:.1f} s, this build "
+                f"{c['current_seconds']:.1f} s: **{c['speedup']:.2f}× faster**."
+            )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def before_after(before, after):
+    lines = ["### Before / after (older binary, then this build, back to back)\n",
+             "| phase | before req/s | after req/s | after ÷ before | p99 before → after (ms) |",
+             "|---|---|---|---|---|"]
+    b = {p["phase"]: p for p in before["phases"] if p["target"] != "baseline"}
+    for p in after["phases"]:
+        q = b.get(p["phase"])
+        if p["target"] == "baseline" or not q or not q["requests_per_s"]:
+            continue
+        lines.append(
+            f"| {p['phase']} | {q['requests_per_s']:.0f} | {p['requests_per_s']:.0f} | "
+            f"**{p['requests_per_s'] / q['requests_per_s']:.2f}×** | {q['p99_ms']:.0f} → {p['p99_ms']:.0f} |"
+        )
+    hb, ha = before.get("server_vm_hwm_mib"), after.get("server_vm_hwm_mib")
+    if hb and ha:
+        lines.append(f"\nServer peak RSS (VmHWM) over these runs: before {hb:.0f} MiB, after {ha:.0f} MiB.")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    target = os.environ.get("CARGO_TARGET_DIR", "target")
+    ap.add_argument("--criterion", default=os.path.join(target, "criterion"))
+    ap.add_argument("--load")
+    ap.add_argument("--rebuild-target-s", default=20)
+    ap.add_argument("--load-before", help="load JSON of an older binary (same session)")
+    ap.add_argument("--load-after", help="load JSON of this build, run right after --load-before")
+    a = ap.parse_args()
+    out = []
+    root = Path(a.criterion)
+    if root.exists():
+        out.append(criterion_tables(load_criterion(root)))
+    else:
+        print(f"no criterion results under {root}", file=sys.stderr)
+    if a.load:
+        out.append(load_tables(json.loads(Path(a.load).read_text()), a.rebuild_target_s))
+    if a.load_before and a.load_after:
+        out.append(before_after(json.loads(Path(a.load_before).read_text()),
+                                json.loads(Path(a.load_after).read_text())))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
