@@ -39,7 +39,7 @@ fn event(i: u64, tenant: &str, dispatch: u64, kind: EventKind) -> DeliveryEvent 
         envelope_id: format!("env-{}", i / 5),
         provider_event: kind.as_str().to_string(),
         provider_event_id: None,
-        bounce_class: (kind == EventKind::Bounced).then_some(if i % 3 != 0 {
+        bounce_class: (kind == EventKind::Bounced).then_some(if !i.is_multiple_of(3) {
             BounceClass::Hard
         } else {
             BounceClass::Soft
@@ -50,7 +50,7 @@ fn event(i: u64, tenant: &str, dispatch: u64, kind: EventKind) -> DeliveryEvent 
         url: (kind == EventKind::Clicked).then(|| format!("https://example.com/{}", i % 3)),
         user_agent: None,
         ip: None,
-        machine: kind == EventKind::Opened && i % 5 == 0,
+        machine: kind == EventKind::Opened && i.is_multiple_of(5),
         group_id: matches!(
             kind,
             EventKind::GroupUnsubscribed | EventKind::GroupResubscribed

@@ -475,21 +475,19 @@ pub fn recipient_field(
     key: &str,
     event: &str,
     item: impl Fn() -> String,
-) -> Result<String, Normalized> {
+) -> Result<String, Box<Normalized>> {
+    // Boxed: the dead letter is the cold path and much larger than the address.
+    let dead_letter = |reason: &str, detail: String| Box::new(dead(env, reason, detail, item()));
     let Some(raw) = str_field(obj, key) else {
-        return Err(dead(
-            env,
+        return Err(dead_letter(
             "missing_field",
             format!("'{event}' event has no '{key}'"),
-            item(),
         ));
     };
     normalize_email(raw).ok_or_else(|| {
-        dead(
-            env,
+        dead_letter(
             "invalid_field",
             format!("'{key}' is not an address: {raw:?}"),
-            item(),
         )
     })
 }

@@ -276,7 +276,7 @@ fn normalize_item(env: &RawEnvelope, item: &Value) -> Normalized {
     }
     let recipient = match recipient_field(env, obj, "email", event, text) {
         Ok(r) => r,
-        Err(dead) => return dead,
+        Err(dead) => return *dead,
     };
     let kind = match event {
         "processed" => EventKind::Sent,
