@@ -173,38 +173,12 @@ mod binary {
         }
     }
 
-    /// Index of the symbol in the schema's `EventKind` enum.
+    /// Index of the symbol in the schema's `EventKind` enum: `EventKind` declares its variants
+    /// in the schema's symbol order (`EventKind::ALL`; the apache-avro property tests hold the
+    /// two together).
     fn kind_index(k: EventKind) -> i64 {
-        match k {
-            EventKind::Sent => 0,
-            EventKind::Dropped => 1,
-            EventKind::Deferred => 2,
-            EventKind::Delivered => 3,
-            EventKind::Bounced => 4,
-            EventKind::Opened => 5,
-            EventKind::Clicked => 6,
-            EventKind::Complained => 7,
-            EventKind::Unsubscribed => 8,
-            EventKind::GroupUnsubscribed => 9,
-            EventKind::GroupResubscribed => 10,
-            EventKind::Other => 11,
-        }
+        k as i64
     }
-
-    const KINDS: [EventKind; 12] = [
-        EventKind::Sent,
-        EventKind::Dropped,
-        EventKind::Deferred,
-        EventKind::Delivered,
-        EventKind::Bounced,
-        EventKind::Opened,
-        EventKind::Clicked,
-        EventKind::Complained,
-        EventKind::Unsubscribed,
-        EventKind::GroupUnsubscribed,
-        EventKind::GroupResubscribed,
-        EventKind::Other,
-    ];
 
     pub(super) fn write_event(out: &mut Vec<u8>, e: &DeliveryEvent) {
         bytes(out, e.event_key.as_bytes());
@@ -350,7 +324,7 @@ mod binary {
                 let i = r.long()?;
                 *usize::try_from(i)
                     .ok()
-                    .and_then(|i| KINDS.get(i))
+                    .and_then(|i| EventKind::ALL.get(i))
                     .ok_or(AvroError::Malformed("EventKind index out of range"))?
             },
             dispatch_key: r.string()?,
@@ -619,5 +593,32 @@ mod tests {
         rec.extend_from_slice(&datum);
         assert_eq!(decode_envelope(&rec).unwrap(), env);
         assert_eq!(envelopes().decode::<RawEnvelope>(&rec).unwrap(), env);
+    }
+}
+
+#[cfg(test)]
+mod kind_order {
+    use crate::event::EventKind;
+
+    #[test]
+    fn event_kinds_are_declared_in_the_schema_symbol_order() {
+        let schema: serde_json::Value = serde_json::from_str(super::DELIVERY_EVENT_SCHEMA).unwrap();
+        let kind = schema["fields"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["name"] == "kind")
+            .unwrap();
+        let symbols: Vec<String> = kind["type"]["symbols"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        let declared: Vec<String> = EventKind::ALL.iter().map(|k| format!("{k:?}")).collect();
+        assert_eq!(symbols, declared);
+        for (i, k) in EventKind::ALL.iter().enumerate() {
+            assert_eq!(*k as usize, i);
+        }
     }
 }

@@ -67,6 +67,8 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// Every kind, in declaration order, which is also the symbol order of the Avro schema's
+    /// `EventKind` enum (the codec relies on it).
     pub const ALL: [EventKind; 12] = [
         EventKind::Sent,
         EventKind::Dropped,

@@ -217,15 +217,7 @@ async fn sigterm_under_load_answers_everything_and_loses_nothing() {
             for i in 0..2000 {
                 let id = format!("t-{w}-{i}");
                 let body = format!(r#"[{{"email":"{id}@example.com","timestamp":1764750000,"event":"delivered","sg_message_id":"{id}.filter","xs_campaign":"term","xs_dispatch":"{id}"}}]"#);
-                let ts = now_secs().to_string();
-                let r = http
-                    .post(format!("{base}/api/webhook/email/sendgrid"))
-                    .header("content-type", "application/json")
-                    .header("x-twilio-email-event-webhook-timestamp", &ts)
-                    .header("x-twilio-email-event-webhook-signature", signer.sign(&ts, body.as_bytes()))
-                    .body(body)
-                    .send()
-                    .await;
+                let r = common::send_sendgrid(&http, &base, &signer, body).await;
                 match r {
                     Ok(r) if r.status() == 200 => {
                         accepted.lock().unwrap().insert(id);

@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::{now_secs, spawn_server as spawn, wait_until, SendGridSigner};
+use common::{spawn_server as spawn, wait_until, SendGridSigner};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_with_no_configuration_just_works() {
@@ -110,15 +110,7 @@ async fn sigkill_under_load(store_args: &[&str]) {
 {{"email":"{id}@example.com","timestamp":1764750060,"event":"open","sg_message_id":"{id}.filter","xs_campaign":"load","xs_dispatch":"{id}"}}]
 "#
                 );
-                let ts = now_secs().to_string();
-                let r = http
-                    .post(format!("{base}/api/webhook/email/sendgrid"))
-                    .header("content-type", "application/json")
-                    .header("x-twilio-email-event-webhook-timestamp", &ts)
-                    .header("x-twilio-email-event-webhook-signature", signer.sign(&ts, body.as_bytes()))
-                    .body(body)
-                    .send()
-                    .await;
+                let r = common::send_sendgrid(&http, &base, &signer, body).await;
                 match r {
                     Ok(r) if r.status() == 200 => {
                         accepted.lock().unwrap().insert(id);

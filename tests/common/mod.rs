@@ -626,3 +626,24 @@ pub async fn spawn_server_with_env(
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
     (child, base)
 }
+
+/// POSTs `body` to `{base}/api/webhook/email/sendgrid`, signed now by `signer`, as SendGrid
+/// would (for tests that drive a spawned server with their own client).
+pub async fn send_sendgrid(
+    http: &reqwest::Client,
+    base: &str,
+    signer: &SendGridSigner,
+    body: String,
+) -> reqwest::Result<reqwest::Response> {
+    let ts = now_secs().to_string();
+    http.post(format!("{base}/api/webhook/email/sendgrid"))
+        .header("content-type", "application/json")
+        .header("x-twilio-email-event-webhook-timestamp", &ts)
+        .header(
+            "x-twilio-email-event-webhook-signature",
+            signer.sign(&ts, body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await
+}
