@@ -25,9 +25,9 @@ use serde_json::{Map, Value};
 use sha2::Sha256;
 
 use super::{
-    attribute, body_prefix, check_timestamp, dead, event_key, normalize_email, scalar_string,
-    str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection, ReplayClaim,
-    ReplayGuard, Verified, WebhookRequest, XsMeta,
+    attribute, body_prefix, check_timestamp, dead, event_key, normalize_email, parse_body,
+    scalar_string, str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection,
+    ReplayClaim, ReplayGuard, Verified, WebhookRequest, XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::secret::Secret;
@@ -326,16 +326,9 @@ impl Provider for Mailgun {
     }
 
     fn normalize(&self, env: &RawEnvelope) -> Vec<Normalized> {
-        let root = match serde_json::from_slice::<Value>(&env.body) {
+        let root = match parse_body(env) {
             Ok(v) => v,
-            Err(e) => {
-                return vec![dead(
-                    env,
-                    "malformed_body",
-                    format!("body is not valid JSON: {e}"),
-                    body_prefix(&env.body),
-                )]
-            }
+            Err(dead) => return vec![*dead],
         };
         match root.get("event-data") {
             Some(item) => vec![normalize_event(env, item)],

@@ -26,7 +26,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use super::{
-    attribute, body_prefix, dead, event_key, recipient_field, scalar_string, str_field,
+    attribute, dead, event_key, malformed_body, recipient_field, scalar_string, str_field,
     Credentials, Normalized, Provider, ProviderSettings, Rejection, Verified, WebhookRequest,
     XsMeta,
 };
@@ -341,21 +341,11 @@ impl Provider for Mailjet {
     }
 
     fn normalize(&self, env: &RawEnvelope) -> Vec<Normalized> {
-        match serde_json::from_slice::<Value>(&env.body) {
+        match super::parse_body(env) {
             Ok(Value::Array(a)) => a.iter().map(|i| normalize_item(env, i)).collect(),
             Ok(v @ Value::Object(_)) => vec![normalize_item(env, &v)],
-            Ok(_) => vec![dead(
-                env,
-                "malformed_body",
-                "not a JSON object or array",
-                body_prefix(&env.body),
-            )],
-            Err(e) => vec![dead(
-                env,
-                "malformed_body",
-                format!("body is not valid JSON: {e}"),
-                body_prefix(&env.body),
-            )],
+            Ok(_) => vec![malformed_body(env, "not a JSON object or array")],
+            Err(dead) => vec![*dead],
         }
     }
 }

@@ -456,6 +456,17 @@ pub fn body_prefix(body: &[u8]) -> String {
     String::from_utf8_lossy(&body[..body.len().min(4096)]).into_owned()
 }
 
+/// The dead letter for a stored body the adapter cannot read at all.
+pub fn malformed_body(env: &RawEnvelope, detail: impl Into<String>) -> Normalized {
+    dead(env, "malformed_body", detail, body_prefix(&env.body))
+}
+
+/// Parses a stored body as JSON, or returns its `malformed_body` dead letter.
+pub fn parse_body(env: &RawEnvelope) -> Result<serde_json::Value, Box<Normalized>> {
+    serde_json::from_slice(&env.body)
+        .map_err(|e| Box::new(malformed_body(env, format!("body is not valid JSON: {e}"))))
+}
+
 /// A non-empty string field, trimmed.
 pub fn str_field<'a>(
     obj: &'a serde_json::Map<String, serde_json::Value>,

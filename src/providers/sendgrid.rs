@@ -15,9 +15,9 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use super::{
-    attribute, body_prefix, check_timestamp, dead, event_key, recipient_field, scalar_string,
-    str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection, Verified,
-    WebhookRequest, XsMeta,
+    attribute, check_timestamp, dead, event_key, malformed_body, parse_body, recipient_field,
+    scalar_string, str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection,
+    Verified, WebhookRequest, XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::tenants::TenantSet;
@@ -190,25 +190,11 @@ impl Provider for SendGrid {
     }
 
     fn normalize(&self, env: &RawEnvelope) -> Vec<Normalized> {
-        let items = match serde_json::from_slice::<Value>(&env.body) {
+        let items = match parse_body(env) {
             Ok(Value::Array(a)) => a,
             Ok(v @ Value::Object(_)) => vec![v],
-            Ok(_) => {
-                return vec![dead(
-                    env,
-                    "malformed_body",
-                    "not a JSON array",
-                    body_prefix(&env.body),
-                )]
-            }
-            Err(e) => {
-                return vec![dead(
-                    env,
-                    "malformed_body",
-                    e.to_string(),
-                    body_prefix(&env.body),
-                )]
-            }
+            Ok(_) => return vec![malformed_body(env, "not a JSON array")],
+            Err(dead) => return vec![*dead],
         };
         items.iter().map(|item| normalize_item(env, item)).collect()
     }

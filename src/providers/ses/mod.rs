@@ -33,8 +33,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::{
-    attribute, body_prefix, dead, event_key, normalize_email, str_field, Credentials, Normalized,
-    Provider, ProviderSettings, Rejection, Verified, WebhookRequest, XsMeta,
+    attribute, body_prefix, dead, event_key, malformed_body, normalize_email, parse_body,
+    str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection, Verified,
+    WebhookRequest, XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::tenants::TenantSet;
@@ -494,35 +495,19 @@ impl Provider for Ses {
     }
 
     fn normalize(&self, env: &RawEnvelope) -> Vec<Normalized> {
-        let obj = match serde_json::from_slice::<Value>(&env.body) {
+        let obj = match parse_body(env) {
             Ok(Value::Object(o)) => o,
-            Ok(_) => {
-                return vec![dead(
-                    env,
-                    "malformed_body",
-                    "SNS envelope is not a JSON object",
-                    body_prefix(&env.body),
-                )]
-            }
-            Err(e) => {
-                return vec![dead(
-                    env,
-                    "malformed_body",
-                    e.to_string(),
-                    body_prefix(&env.body),
-                )]
-            }
+            Ok(_) => return vec![malformed_body(env, "SNS envelope is not a JSON object")],
+            Err(dead) => return vec![*dead],
         };
         match str_field(&obj, "Type") {
             Some("Notification") => {}
             // Handshakes stay in the raw log (and the admin API); they are not delivery events.
             Some("SubscriptionConfirmation" | "UnsubscribeConfirmation") => return vec![],
             other => {
-                return vec![dead(
+                return vec![malformed_body(
                     env,
-                    "malformed_body",
                     format!("unexpected SNS Type {other:?}"),
-                    body_prefix(&env.body),
                 )]
             }
         }
