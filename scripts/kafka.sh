@@ -104,11 +104,16 @@ POM
   echo "$VERSION" >"$JARS/.complete"
 }
 
+# A killed node lingers as a zombie until init reaps it: that counts as gone.
+alive() {
+  kill -0 "$1" 2>/dev/null && [ "$(awk '{print $3}' "/proc/$1/stat" 2>/dev/null)" != Z ]
+}
+
 # The pid in DIR/pid if that process is alive and is the Kafka of this DIR (not a reused pid).
 node_pid() {
   local pid
   pid=$(cat "$DIR/pid" 2>/dev/null) || return 1
-  [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+  [ -n "$pid" ] && alive "$pid" || return 1
   tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$DIR/server.properties" || return 1
   echo "$pid"
 }
@@ -197,7 +202,7 @@ start() {
   fi
   local began=$SECONDS
   while ! broker_up "$PORT"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! alive "$pid"; then
       echo "Kafka exited; last log lines:" >&2
       tail -n 40 "$DIR/logs/stdout.log" "$DIR/logs/server.log" >&2 2>/dev/null || true
       rm -f "$DIR/pid"
@@ -218,11 +223,11 @@ stop() {
   local pid
   pid=$(node_pid) || { rm -f "$DIR/pid"; echo "no Kafka running from $DIR" >&2; return 0; }
   kill "$pid"
-  for _ in $(seq 1 $((STOP_SECS * 5))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
-  if kill -0 "$pid" 2>/dev/null; then
+  for _ in $(seq 1 $((STOP_SECS * 10))); do alive "$pid" || break; sleep 0.1; done
+  if alive "$pid"; then
     echo "Kafka (pid $pid) still running after ${STOP_SECS}s; SIGKILL" >&2
     kill -9 "$pid" 2>/dev/null || true
-    while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+    while alive "$pid"; do sleep 0.05; done
   fi
   rm -f "$DIR/pid"
   echo "Kafka stopped" >&2
@@ -233,7 +238,7 @@ kill_node() {
   local pid
   pid=$(node_pid) || { rm -f "$DIR/pid"; echo "no Kafka running from $DIR" >&2; return 0; }
   kill -9 "$pid"
-  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+  while alive "$pid"; do sleep 0.05; done
   rm -f "$DIR/pid"
   echo "Kafka killed (SIGKILL, pid $pid)" >&2
 }
