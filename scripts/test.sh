@@ -18,17 +18,36 @@ for tool in openssl curl python3 java mvn; do
   fi
 done
 
-# Cassandra (the CQL stand-in for ScyllaDB) starts while the build runs; stopped on exit if
-# this script started it.
-export XSENDER_TEST_CQL="${XSENDER_TEST_CQL:-127.0.0.1:9042}"
+# Cassandra (the CQL stand-in for ScyllaDB) and Kafka start while the build runs; each is
+# stopped on exit if this script started it.
 started_cassandra=
+started_kafka=
+kafka_dir="$HOME/.cache/xsender-events/kafka/test-node"
+cleanup() {
+  if [ -n "$started_kafka" ]; then scripts/kafka.sh stop --dir "$kafka_dir" || true; fi
+  if [ -n "$started_cassandra" ]; then scripts/cassandra.sh stop || true; fi
+}
+trap cleanup EXIT
+export XSENDER_TEST_CQL="${XSENDER_TEST_CQL:-127.0.0.1:9042}"
 if ! scripts/cassandra.sh status >/dev/null 2>&1; then
   started_cassandra=1
-  trap 'scripts/cassandra.sh stop || true' EXIT
   cassandra_log=$(mktemp)
   (time scripts/cassandra.sh start) >"$cassandra_log" 2>&1 &
   cassandra_pid=$!
 fi
+# The jars also serve the private brokers that tests start and stop with scripts/kafka.sh.
+scripts/kafka.sh fetch
+export XSENDER_TEST_KAFKA="${XSENDER_TEST_KAFKA:-127.0.0.1:9092}"
+if [ "$XSENDER_TEST_KAFKA" = 127.0.0.1:9092 ] && ! scripts/kafka.sh status >/dev/null 2>&1; then
+  started_kafka=1
+  rm -rf "$kafka_dir"  # this script's own node: a fresh one each run
+  kafka_log=$(mktemp)
+  (time scripts/kafka.sh start --dir "$kafka_dir") >"$kafka_log" 2>&1 &
+  kafka_pid=$!
+fi
+# The analytics consumer (tests/analytics) runs in this venv.
+XSENDER_TEST_PYTHON=$(scripts/python-env.sh)
+export XSENDER_TEST_PYTHON
 
 need go "install Go (for the OpenTelemetry Collector used by the tracing test)"
 echo "== OpenTelemetry Collector (tools/otelcol, from the Go module proxy; cached)"
@@ -41,6 +60,13 @@ if [ -n "$started_cassandra" ]; then
   wait "$cassandra_pid" || { cat "$cassandra_log" >&2; exit 1; }
   cat "$cassandra_log"
 fi
+if [ -n "$started_kafka" ]; then
+  echo "== waiting for Kafka"
+  wait "$kafka_pid" || { cat "$kafka_log" >&2; exit 1; }
+  cat "$kafka_log"
+fi
+echo "== analytics consumer (tests/analytics/consume.py) self-check against Kafka"
+tests/analytics/selftest.sh
 echo "== unit, property, end-to-end (embedded and CQL projections) and process tests"
 cargo test --locked --all-targets
 echo "== README walk-through (embedded, then projections in CQL)"
