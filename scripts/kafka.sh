@@ -14,7 +14,8 @@
 #   scripts/kafka.sh producer-perf ARGS...       org.apache.kafka.tools.ProducerPerformance
 #
 # Defaults: DIR=~/.cache/xsender-events/kafka/node, P=9092, C=9093. Tests run private nodes with
-# their own DIR and ports; starting again on the same DIR and ports keeps the data.
+# their own DIR and ports; starting again on the same DIR and ports keeps the data (a DIR is
+# bound to its controller port: the format step records it in the quorum's voter set).
 set -euo pipefail
 
 VERSION="${KAFKA_VERSION:-4.4.0}"
