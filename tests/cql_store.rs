@@ -11,7 +11,7 @@ use xsender_events::fold::DispatchStatus;
 use xsender_events::log::Record;
 use xsender_events::projection::cql::{CqlProjections, CqlSettings, CrashPoint};
 use xsender_events::projection::sqlite::SqliteProjections;
-use xsender_events::projection::{ProjectionStore, RecipientsQuery};
+use xsender_events::projection::{Batch, Positions, ProjectionStore, RecipientsQuery, StoreError};
 
 const TENANTS: [&str; 2] = ["acme", "globex"];
 const CAMPAIGNS: [&str; 3] = ["spring", "summer", "fall"];
@@ -108,6 +108,10 @@ async fn snapshot(store: &dyn ProjectionStore) -> Value {
         "checkpoint".into(),
         json!(store.checkpoint().await.unwrap()),
     );
+    out.insert(
+        "checkpoints".into(),
+        json!(store.checkpoints().await.unwrap()),
+    );
     for tenant in TENANTS {
         for campaign in CAMPAIGNS {
             for status in [
@@ -185,7 +189,7 @@ async fn project(store: &dyn ProjectionStore, log: &[Record<DeliveryEvent>], bat
         if next.is_empty() {
             return;
         }
-        store.apply(next).await.unwrap();
+        store.apply(Batch::single(0, next)).await.unwrap();
     }
 }
 
@@ -226,7 +230,7 @@ async fn same_rows_as_the_embedded_store_and_exact_after_a_kill_at_any_point() {
             .cloned()
             .collect();
         store.crash_next_apply(point);
-        let err = store.apply(batch).await.unwrap_err();
+        let err = store.apply(Batch::single(0, batch)).await.unwrap_err();
         assert!(err.to_string().contains("injected crash"), "{err}");
         killed += 1;
         assert_eq!(
@@ -243,7 +247,7 @@ async fn same_rows_as_the_embedded_store_and_exact_after_a_kill_at_any_point() {
             .take(5)
             .cloned()
             .collect();
-        store.apply(next).await.unwrap();
+        store.apply(Batch::single(0, next)).await.unwrap();
     }
     assert_eq!(killed, 6);
     project(&store, &log, 13).await;
@@ -255,9 +259,15 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
     let log = log();
     let (settings, store) = cql_store().await;
     project(&store, &log[..100], 16).await;
-    let g = store.create_generation(1).await.unwrap();
+    let g = store
+        .create_generation(&Positions::from([(0, 1)]))
+        .await
+        .unwrap();
     assert_eq!(g, 2);
-    store.apply_to(g, log[..40].to_vec()).await.unwrap();
+    store
+        .apply_to(g, Batch::single(0, log[..40].to_vec()))
+        .await
+        .unwrap();
     // The live projector goes on writing generation 1 while the rebuild catches up.
     project(&store, &log, 16).await;
     let before = snapshot(&store).await;
@@ -268,7 +278,9 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
     store
         .switch_to(
             g,
-            Box::new(move |after, max| {
+            vec![0],
+            Box::new(move |part, after, max| {
+                assert_eq!(part, 0);
                 Ok(tail_log
                     .iter()
                     .filter(|r| r.offset > after)
@@ -281,7 +293,11 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
         .unwrap();
     let gens = store.generations().await.unwrap();
     assert_eq!(gens.len(), 2);
-    assert!(gens[1].current && gens[1].checkpoint == log.len() as i64);
+    assert!(gens[1].current);
+    assert_eq!(
+        gens[1].checkpoints,
+        Positions::from([(0, log.len() as i64)])
+    );
     assert_eq!(snapshot(&store).await, before);
     assert_eq!(store.drop_old().await.unwrap(), vec![1]);
     assert_eq!(snapshot(&store).await, before);
@@ -297,8 +313,8 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
         value: event(999, "acme", 1, EventKind::Opened),
     };
     assert!(matches!(
-        store.apply(vec![extra]).await,
-        Err(xsender_events::projection::StoreError::Gap { .. })
+        store.apply(Batch::single(0, vec![extra])).await,
+        Err(StoreError::Gap { partition: 0, .. })
     ));
 }
 

@@ -1,6 +1,13 @@
 //! The embedded projection store: one SQLite file, one set of tables per generation
 //! (`dispatches_<g>`, `seen_<g>`, `suppressions_<g>`, `contacts_<g>`), and a `current` row
 //! that names the generation readers and the projector use.
+//!
+//! `generations` lists the generations; `checkpoints` holds each generation's checkpoint per
+//! log partition, moved in the transaction that folds the batch. Data folders written before
+//! checkpoints were per partition kept a single `generations.checkpoint`: `open` carries it
+//! over as partition 0 (once: an existing row is never overwritten), so such a deployment
+//! resumes exactly where it was. The old column is no longer read after that and new
+//! generations write 0 into it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,18 +17,28 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Generation, GenerationInfo, ProjectionStore, RecipientsQuery, StoreError};
+use super::{
+    plan, start_checkpoints, Batch, Generation, GenerationInfo, Partition, Plan, Positions,
+    ProjectionStore, RecipientsQuery, StoreError, TailReader,
+};
 use crate::event::DeliveryEvent;
 use crate::fold::{
     apply_contact, contact_change_of, fold_dispatch, merge_suppression, suppression_of, ContactRow,
     DispatchRow, SuppressionRow,
 };
-use crate::log::{Offset, Record};
+use crate::log::Offset;
 
 const META: &str = "
 CREATE TABLE IF NOT EXISTS generations (gen INTEGER PRIMARY KEY, checkpoint INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS current (id INTEGER PRIMARY KEY CHECK (id = 1), gen INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (gen INTEGER NOT NULL, part INTEGER NOT NULL,
+    checkpoint INTEGER NOT NULL, PRIMARY KEY (gen, part)) WITHOUT ROWID;
 ";
+
+/// The single checkpoint of data folders from before `checkpoints`, as partition 0.
+/// Idempotent: runs at every open and never overwrites a partition-0 row.
+const CARRY_OVER: &str = "INSERT OR IGNORE INTO checkpoints (gen, part, checkpoint)
+    SELECT gen, 0, checkpoint FROM generations WHERE checkpoint > 0";
 
 fn tables_sql(g: Generation) -> String {
     format!(
@@ -72,9 +89,15 @@ impl SqliteProjections {
                 [],
             )
             .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO checkpoints (gen, part, checkpoint) VALUES (1, 0, 0)",
+                [],
+            )
+            .map_err(unavailable)?;
             tx.execute("INSERT INTO current (id, gen) VALUES (1, 1)", [])
                 .map_err(unavailable)?;
         }
+        tx.execute(CARRY_OVER, []).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
         // The projector's connection: 16 MiB of page cache (default 2 MiB), so the rows a batch
         // reads and rewrites stay in memory instead of being read back with a syscall each.
@@ -128,15 +151,33 @@ fn current_gen(c: &Connection) -> Result<Generation, StoreError> {
         .map_err(unavailable)
 }
 
-fn checkpoint_of(c: &Connection, g: Generation) -> Result<Offset, StoreError> {
-    c.query_row(
-        "SELECT checkpoint FROM generations WHERE gen = ?1",
-        [g],
-        |r| r.get(0),
-    )
-    .optional()
-    .map_err(unavailable)?
-    .ok_or_else(|| StoreError::Invalid(format!("generation {g} does not exist")))
+fn checkpoints_of(c: &Connection, g: Generation) -> Result<Positions, StoreError> {
+    c.query_row("SELECT 1 FROM generations WHERE gen = ?1", [g], |_| Ok(()))
+        .optional()
+        .map_err(unavailable)?
+        .ok_or_else(|| StoreError::Invalid(format!("generation {g} does not exist")))?;
+    let mut st = c
+        .prepare_cached("SELECT part, checkpoint FROM checkpoints WHERE gen = ?1")
+        .map_err(unavailable)?;
+    let rows = st
+        .query_map([g], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(unavailable)?;
+    rows.collect::<rusqlite::Result<Positions>>()
+        .map_err(unavailable)
+}
+
+fn set_checkpoints(c: &Connection, g: Generation, moved: &Positions) -> Result<(), StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO checkpoints (gen, part, checkpoint) VALUES (?1, ?2, ?3)
+             ON CONFLICT (gen, part) DO UPDATE SET checkpoint = excluded.checkpoint",
+        )
+        .map_err(unavailable)?;
+    for (part, checkpoint) in moved {
+        st.execute(params![g, part, checkpoint])
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
@@ -149,25 +190,15 @@ fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
 }
 
 /// Folds a batch into generation `g` inside the caller's transaction: dedupe by event key,
-/// fold per row (rows touched several times in a batch are read and written once).
-fn apply_in_tx(
-    tx: &Connection,
-    g: Generation,
-    events: &[Record<DeliveryEvent>],
-) -> Result<Offset, StoreError> {
-    let checkpoint = checkpoint_of(tx, g)?;
-    if let Some(first) = events
-        .first()
-        .map(|r| r.offset)
-        .filter(|f| *f > checkpoint + 1)
-    {
-        return Err(StoreError::Gap { first, checkpoint });
+/// fold per row (rows touched several times in a batch are read and written once). Every
+/// partition's gap is checked before anything is written; on an error the caller drops the
+/// transaction, so nothing of the batch is applied. Returns the checkpoints after the batch.
+fn apply_in_tx(tx: &Connection, g: Generation, batch: &Batch) -> Result<Positions, StoreError> {
+    let mut checkpoints = checkpoints_of(tx, g)?;
+    let Plan { fresh, moved } = plan(&checkpoints, batch)?;
+    if fresh.is_empty() {
+        return Ok(checkpoints);
     }
-    let fresh: Vec<&Record<DeliveryEvent>> =
-        events.iter().filter(|r| r.offset > checkpoint).collect();
-    let Some(last) = fresh.last().map(|r| r.offset) else {
-        return Ok(checkpoint);
-    };
     // Ordered maps: rows are written back in key order, so consecutive upserts land on the same
     // or neighbouring b-tree pages instead of all over the table.
     let mut dispatches: BTreeMap<(String, String), DispatchRow> = BTreeMap::new();
@@ -298,12 +329,9 @@ fn apply_in_tx(
             .execute(params![tenant, email, json(row)?])
             .map_err(unavailable)?;
     }
-    tx.execute(
-        "UPDATE generations SET checkpoint = ?1 WHERE gen = ?2",
-        params![last, g],
-    )
-    .map_err(unavailable)?;
-    Ok(last)
+    set_checkpoints(tx, g, &moved)?;
+    checkpoints.extend(moved);
+    Ok(checkpoints)
 }
 
 fn collect_states<T: serde::de::DeserializeOwned>(
@@ -324,11 +352,11 @@ fn collect_states<T: serde::de::DeserializeOwned>(
 
 #[async_trait]
 impl ProjectionStore for SqliteProjections {
-    async fn checkpoint(&self) -> Result<Offset, StoreError> {
-        self.read(checkpoint_of).await
+    async fn checkpoints(&self) -> Result<Positions, StoreError> {
+        self.read(checkpoints_of).await
     }
 
-    async fn apply(&self, events: Vec<Record<DeliveryEvent>>) -> Result<(), StoreError> {
+    async fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         self.write(move |c| {
             // IMMEDIATE: take the write lock before reading which generation is current, so a
             // concurrent rebuild cannot switch between that read and our write.
@@ -336,7 +364,7 @@ impl ProjectionStore for SqliteProjections {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             let g = current_gen(&tx)?;
-            apply_in_tx(&tx, g, &events)?;
+            apply_in_tx(&tx, g, &batch)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -436,26 +464,49 @@ impl ProjectionStore for SqliteProjections {
 
     async fn generations(&self) -> Result<Vec<GenerationInfo>, StoreError> {
         self.read(|c, current| {
+            let mut out: BTreeMap<Generation, GenerationInfo> = BTreeMap::new();
             let mut st = c
-                .prepare("SELECT gen, checkpoint FROM generations ORDER BY gen")
+                .prepare("SELECT gen FROM generations")
                 .map_err(unavailable)?;
-            let rows = st
-                .query_map([], |r| {
-                    let generation: i64 = r.get(0)?;
-                    Ok(GenerationInfo {
+            for generation in st
+                .query_map([], |r| r.get::<_, Generation>(0))
+                .map_err(unavailable)?
+            {
+                let generation = generation.map_err(unavailable)?;
+                out.insert(
+                    generation,
+                    GenerationInfo {
                         generation,
-                        checkpoint: r.get(1)?,
+                        checkpoints: Positions::new(),
                         current: generation == current,
-                    })
-                })
+                    },
+                );
+            }
+            let mut st = c
+                .prepare("SELECT gen, part, checkpoint FROM checkpoints")
                 .map_err(unavailable)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(unavailable)
+            for row in st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, Generation>(0)?,
+                        r.get::<_, Partition>(1)?,
+                        r.get::<_, Offset>(2)?,
+                    ))
+                })
+                .map_err(unavailable)?
+            {
+                let (g, part, checkpoint) = row.map_err(unavailable)?;
+                if let Some(info) = out.get_mut(&g) {
+                    info.checkpoints.insert(part, checkpoint);
+                }
+            }
+            Ok(out.into_values().collect())
         })
         .await
     }
 
-    async fn create_generation(&self, start: Offset) -> Result<Generation, StoreError> {
+    async fn create_generation(&self, start: &Positions) -> Result<Generation, StoreError> {
+        let start = start_checkpoints(start);
         self.write(move |c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -468,27 +519,28 @@ impl ProjectionStore for SqliteProjections {
                 )
                 .map_err(unavailable)?;
             tx.execute_batch(&tables_sql(g)).map_err(unavailable)?;
+            // The old single checkpoint column stays 0 (see the module doc).
             tx.execute(
-                "INSERT INTO generations (gen, checkpoint) VALUES (?1, ?2)",
-                params![g, (start - 1).max(0)],
+                "INSERT INTO generations (gen, checkpoint) VALUES (?1, 0)",
+                params![g],
             )
             .map_err(unavailable)?;
+            // A leftover of a generation with this number that was dropped must not count.
+            tx.execute("DELETE FROM checkpoints WHERE gen = ?1", [g])
+                .map_err(unavailable)?;
+            set_checkpoints(&tx, g, &start)?;
             tx.commit().map_err(unavailable)?;
             Ok(g)
         })
         .await
     }
 
-    async fn apply_to(
-        &self,
-        generation: Generation,
-        events: Vec<Record<DeliveryEvent>>,
-    ) -> Result<(), StoreError> {
+    async fn apply_to(&self, generation: Generation, batch: Batch) -> Result<(), StoreError> {
         self.write(move |c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
-            apply_in_tx(&tx, generation, &events)?;
+            apply_in_tx(&tx, generation, &batch)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -497,21 +549,23 @@ impl ProjectionStore for SqliteProjections {
     async fn switch_to(
         &self,
         generation: Generation,
-        tail: Box<
-            dyn Fn(Offset, usize) -> Result<Vec<Record<DeliveryEvent>>, String> + Send + Sync,
-        >,
+        partitions: Vec<Partition>,
+        tail: TailReader,
     ) -> Result<(), StoreError> {
         self.write(move |c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
-            loop {
-                let cp = checkpoint_of(&tx, generation)?;
-                let batch = tail(cp, 5000).map_err(StoreError::Unavailable)?;
-                if batch.is_empty() {
-                    break;
+            let mut checkpoints = checkpoints_of(&tx, generation)?;
+            for part in partitions {
+                loop {
+                    let after = checkpoints.get(&part).copied().unwrap_or(0);
+                    let events = tail(part, after, 5000).map_err(StoreError::Unavailable)?;
+                    if events.is_empty() {
+                        break;
+                    }
+                    checkpoints = apply_in_tx(&tx, generation, &Batch::single(part, events))?;
                 }
-                apply_in_tx(&tx, generation, &batch)?;
             }
             tx.execute("UPDATE current SET gen = ?1 WHERE id = 1", [generation])
                 .map_err(unavailable)?;
@@ -541,6 +595,8 @@ impl ProjectionStore for SqliteProjections {
                 ))
                 .map_err(unavailable)?;
                 tx.execute("DELETE FROM generations WHERE gen = ?1", [g])
+                    .map_err(unavailable)?;
+                tx.execute("DELETE FROM checkpoints WHERE gen = ?1", [g])
                     .map_err(unavailable)?;
             }
             tx.commit().map_err(unavailable)?;
