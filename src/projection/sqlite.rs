@@ -605,3 +605,399 @@ impl ProjectionStore for SqliteProjections {
         .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventKind;
+    use crate::fold::tests::ev;
+    use crate::log::Record;
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rec(offset: Offset, value: DeliveryEvent) -> Record<DeliveryEvent> {
+        Record { offset, value }
+    }
+
+    /// A partition's run: offsets from 1, events of their own dispatch and key per offset.
+    fn run(part: Partition, n: Offset) -> Vec<Record<DeliveryEvent>> {
+        let kinds = [
+            EventKind::Delivered,
+            EventKind::Opened,
+            EventKind::Bounced,
+            EventKind::Clicked,
+        ];
+        (1..=n)
+            .map(|o| {
+                let kind = kinds[(o as usize + part as usize) % kinds.len()];
+                rec(
+                    o,
+                    ev(&format!("p{part}-{o}"), &format!("d{}", o % 3), kind, o),
+                )
+            })
+            .collect()
+    }
+
+    fn events(batch: &[(Partition, std::ops::RangeInclusive<Offset>)]) -> Batch {
+        Batch {
+            parts: batch
+                .iter()
+                .map(|(p, r)| {
+                    let all = run(*p, *r.end());
+                    (*p, all[(*r.start() - 1) as usize..].to_vec())
+                })
+                .collect(),
+        }
+    }
+
+    /// Every row of the current generation, in key order.
+    fn rows(path: &Path) -> Vec<String> {
+        let c = Connection::open(path).unwrap();
+        let g = current_gen(&c).unwrap();
+        let mut out = Vec::new();
+        for (table, cols) in [
+            ("dispatches", "tenant, dispatch_key, state"),
+            ("seen", "tenant, event_key, ''"),
+            ("suppressions", "tenant, email || '/' || reason, state"),
+            ("contacts", "tenant, email, state"),
+        ] {
+            let mut st = c
+                .prepare(&format!("SELECT {cols} FROM {table}_{g} ORDER BY 1, 2"))
+                .unwrap();
+            let found = st
+                .query_map([], |r| {
+                    Ok(format!(
+                        "{table} {} {} {}",
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?
+                    ))
+                })
+                .unwrap();
+            out.extend(found.map(|r| r.unwrap()));
+        }
+        out
+    }
+
+    fn open(dir: &tempfile::TempDir, name: &str) -> (std::path::PathBuf, SqliteProjections) {
+        let path = dir.path().join(name);
+        let store = SqliteProjections::open(&path).unwrap();
+        (path, store)
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_two_partitions_moves_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 0)])
+        );
+        store
+            .apply(events(&[(0, 1..=3), (1, 1..=2)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 3), (1, 2)])
+        );
+        assert_eq!(store.checkpoint().await.unwrap(), 3);
+        let seen: Vec<_> = rows(&path)
+            .into_iter()
+            .filter(|r| r.starts_with("seen"))
+            .collect();
+        assert_eq!(seen.len(), 5, "{seen:?}");
+        let gens = store.generations().await.unwrap();
+        assert_eq!(gens[0].checkpoints, Positions::from([(0, 3), (1, 2)]));
+    }
+
+    #[tokio::test]
+    async fn replaying_an_applied_partition_run_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        store
+            .apply(events(&[(0, 1..=4), (1, 1..=3)]))
+            .await
+            .unwrap();
+        let before = rows(&path);
+        let cps = store.checkpoints().await.unwrap();
+        // Partition 1's run again, whole and in part, and partition 0's from its start.
+        store.apply(events(&[(1, 1..=3)])).await.unwrap();
+        store
+            .apply(events(&[(1, 2..=3), (0, 1..=4), (1, 3..=3)]))
+            .await
+            .unwrap();
+        assert_eq!(rows(&path), before);
+        assert_eq!(store.checkpoints().await.unwrap(), cps);
+        // A run that straddles the checkpoint folds only what is new.
+        store.apply(events(&[(1, 2..=5)])).await.unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 4), (1, 5)])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_one_partition_applies_nothing_of_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        store
+            .apply(events(&[(0, 1..=3), (1, 1..=2)]))
+            .await
+            .unwrap();
+        let before = rows(&path);
+        let err = store
+            .apply(events(&[(0, 4..=6), (1, 4..=5), (2, 1..=2)]))
+            .await
+            .unwrap_err();
+        match err {
+            StoreError::Gap {
+                partition,
+                first,
+                checkpoint,
+            } => assert_eq!((partition, first, checkpoint), (1, 4, 2)),
+            e => panic!("{e}"),
+        }
+        assert_eq!(rows(&path), before, "partition 0's run was not folded");
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 3), (1, 2)])
+        );
+        // A partition never seen starts at 0: its run must start at 1.
+        assert!(matches!(
+            store.apply(events(&[(7, 2..=3)])).await,
+            Err(StoreError::Gap {
+                partition: 7,
+                first: 2,
+                checkpoint: 0
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn create_generation_starts_each_listed_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = open(&dir, "p.db");
+        let g = store
+            .create_generation(&Positions::from([(0, 1), (1, 5), (2, 0), (3, 10)]))
+            .await
+            .unwrap();
+        assert_eq!(g, 2);
+        let gens = store.generations().await.unwrap();
+        assert_eq!(gens.len(), 2);
+        assert!(gens[0].current && !gens[1].current);
+        assert_eq!(
+            gens[1].checkpoints,
+            Positions::from([(0, 0), (1, 4), (2, 0), (3, 9)])
+        );
+        // Each partition continues from its own start.
+        assert!(matches!(
+            store.apply_to(g, events(&[(3, 1..=11)])).await,
+            Ok(())
+        ));
+        assert!(matches!(
+            store.apply_to(g, events(&[(1, 6..=6)])).await,
+            Err(StoreError::Gap { partition: 1, .. })
+        ));
+        store.apply_to(g, events(&[(1, 5..=6)])).await.unwrap();
+        let gens = store.generations().await.unwrap();
+        assert_eq!(
+            gens[1].checkpoints,
+            Positions::from([(0, 0), (1, 6), (2, 0), (3, 11)])
+        );
+        // The current generation did not move.
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 0)])
+        );
+    }
+
+    #[tokio::test]
+    async fn switch_to_catches_every_partition_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        let lens = [(0, 9), (1, 4), (2, 12)];
+        let g = store
+            .create_generation(&Positions::from([(0, 1), (1, 1), (2, 1)]))
+            .await
+            .unwrap();
+        store
+            .apply_to(g, events(&[(0, 1..=3), (2, 1..=5)]))
+            .await
+            .unwrap();
+        let logs: BTreeMap<Partition, Vec<Record<DeliveryEvent>>> =
+            lens.iter().map(|(p, n)| (*p, run(*p, *n))).collect();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen_calls = calls.clone();
+        store
+            .switch_to(
+                g,
+                vec![0, 1, 2],
+                Box::new(move |part, after, max| {
+                    seen_calls.lock().unwrap().push((part, after));
+                    Ok(logs[&part]
+                        .iter()
+                        .filter(|r| r.offset > after)
+                        .take(max.min(2))
+                        .cloned()
+                        .collect())
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from(lens),
+            "current after the switch, every partition caught up"
+        );
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.first(), Some(&(0, 3)), "from the checkpoint");
+        assert!(calls.contains(&(1, 0)) && calls.contains(&(2, 5)));
+        assert!(calls.contains(&(1, 4)), "until the tail returns nothing");
+        // The same rows as folding the whole logs in one batch.
+        let (other, fresh) = open(&dir, "q.db");
+        fresh
+            .apply(events(&[(0, 1..=9), (1, 1..=4), (2, 1..=12)]))
+            .await
+            .unwrap();
+        assert_eq!(rows(&path), rows(&other));
+    }
+
+    #[tokio::test]
+    async fn a_data_folder_with_one_checkpoint_resumes_from_it_as_partition_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The store as it was before checkpoints per partition.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!(
+                "CREATE TABLE generations (gen INTEGER PRIMARY KEY, checkpoint INTEGER NOT NULL);
+                 CREATE TABLE current (id INTEGER PRIMARY KEY CHECK (id = 1), gen INTEGER NOT NULL);
+                 {} {}
+                 INSERT INTO generations (gen, checkpoint) VALUES (1, 7), (2, 42);
+                 INSERT INTO current (id, gen) VALUES (1, 2);",
+                tables_sql(1),
+                tables_sql(2)
+            ))
+            .unwrap();
+        }
+        let store = SqliteProjections::open(&path).unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 42)])
+        );
+        assert_eq!(store.checkpoint().await.unwrap(), 42);
+        let gens = store.generations().await.unwrap();
+        assert_eq!(gens[0].checkpoints, Positions::from([(0, 7)]));
+        assert!(gens[1].current);
+        // It continues right after, and nowhere else.
+        let next = |o: Offset| {
+            Batch::single(
+                0,
+                vec![rec(o, ev(&format!("k{o}"), "a", EventKind::Opened, o))],
+            )
+        };
+        assert!(matches!(
+            store.apply(next(44)).await,
+            Err(StoreError::Gap {
+                partition: 0,
+                first: 44,
+                checkpoint: 42
+            })
+        ));
+        store.apply(next(43)).await.unwrap();
+        drop(store);
+        // Opening again carries nothing over a second time.
+        let store = SqliteProjections::open(&path).unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 43)])
+        );
+        assert_eq!(
+            store.generations().await.unwrap()[0].checkpoints,
+            Positions::from([(0, 7)])
+        );
+    }
+
+    /// Events over 3 partitions, every copy of an event key in one partition (as the log must
+    /// key them), with ESP retries and a key reused on another dispatch.
+    fn partitioned(
+        spec: &[(u8, u8, usize, i64)],
+    ) -> BTreeMap<Partition, Vec<Record<DeliveryEvent>>> {
+        let mut logs: BTreeMap<Partition, Vec<Record<DeliveryEvent>>> = BTreeMap::new();
+        for (key, dispatch, kind, at) in spec {
+            let part = Partition::from(key % 3);
+            let log = logs.entry(part).or_default();
+            let mut e = ev(
+                &format!("k{key}"),
+                &format!("d{dispatch}"),
+                EventKind::ALL[*kind],
+                *at,
+            );
+            if e.kind == EventKind::Bounced {
+                e.reason = Some(format!("r{at}"));
+            }
+            log.push(rec(log.len() as Offset + 1, e));
+        }
+        logs
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Random interleavings of per-partition chunks, several to a batch, with random
+        /// re-deliveries from before the checkpoint, give the rows of one sequential apply.
+        #[test]
+        fn interleaved_partitions_give_the_rows_of_a_sequential_apply(
+            spec in proptest::collection::vec(
+                (0u8..24, 0u8..4, 0usize..EventKind::ALL.len(), 0i64..40), 1..50),
+            seed in any::<u64>(),
+        ) {
+            let logs = partitioned(&spec);
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (seq_path, sequential) = open(&dir, "seq.db");
+            let (mixed_path, mixed) = open(&dir, "mixed.db");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let ends: Positions = logs.iter().map(|(p, l)| (*p, l.len() as Offset)).collect();
+            rt.block_on(async {
+                sequential
+                    .apply(Batch { parts: logs.iter().map(|(p, l)| (*p, l.clone())).collect() })
+                    .await
+                    .unwrap();
+                let mut applied = 0;
+                loop {
+                    let cps = mixed.checkpoints().await.unwrap();
+                    let open: Vec<Partition> = logs
+                        .keys()
+                        .copied()
+                        .filter(|p| cps.get(p).copied().unwrap_or(0) < ends[p])
+                        .collect();
+                    if open.is_empty() {
+                        break;
+                    }
+                    let mut batch = Batch::default();
+                    let mut planned = cps.clone();
+                    for _ in 0..rng.gen_range(1..=3) {
+                        let part = open[rng.gen_range(0..open.len())];
+                        let cp = planned.get(&part).copied().unwrap_or(0);
+                        // Sometimes a re-delivery from before the checkpoint.
+                        let from = if rng.gen_bool(0.3) { rng.gen_range(0..=cp) } else { cp };
+                        let to = (from + rng.gen_range(1..=4)).min(ends[&part]);
+                        let chunk = logs[&part][from as usize..to as usize].to_vec();
+                        planned.insert(part, to.max(cp));
+                        batch.parts.push((part, chunk));
+                    }
+                    mixed.apply(batch).await.unwrap();
+                    applied += 1;
+                    assert!(applied < 10_000);
+                }
+                assert_eq!(mixed.checkpoints().await.unwrap(), {
+                    let mut e = ends.clone();
+                    e.insert(0, ends.get(&0).copied().unwrap_or(0));
+                    e
+                });
+            });
+            prop_assert_eq!(rows(&mixed_path), rows(&seq_path));
+        }
+    }
+}
