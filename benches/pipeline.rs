@@ -558,7 +558,7 @@ fn avro(c: &mut Criterion) {
 fn projection(c: &mut Criterion) {
     use xsender_events::log::Record;
     use xsender_events::projection::sqlite::SqliteProjections;
-    use xsender_events::projection::ProjectionStore;
+    use xsender_events::projection::{Batch, ProjectionStore};
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
@@ -596,7 +596,7 @@ fn projection(c: &mut Criterion) {
     g.bench_function("apply/1000", |b| {
         b.iter_batched(
             &mut fresh,
-            |batch| rt.block_on(store.apply(batch)).unwrap(),
+            |batch| rt.block_on(store.apply(Batch::single(0, batch))).unwrap(),
             BatchSize::LargeInput,
         )
     });

@@ -21,7 +21,7 @@ use crate::log::sqlite::SqliteLog;
 use crate::log::{EventLog, Offset, Record};
 use crate::projection::cql::CqlProjections;
 use crate::projection::sqlite::SqliteProjections;
-use crate::projection::ProjectionStore;
+use crate::projection::{Batch, Partition, Positions, ProjectionStore};
 use crate::providers::{registry, ProviderSettings};
 use crate::shutdown::{self, Trigger};
 use crate::stages::{normalizer::Normalizer, projector};
@@ -253,7 +253,10 @@ pub async fn rebuild(
         RebuildFrom::Time(t) => log.offset_at(t).await?,
     };
     let head = log.head().await?;
-    let generation = store.create_generation(start).await?;
+    // The embedded log is log partition 0 of the projection checkpoints.
+    let generation = store
+        .create_generation(&Positions::from([(0, start)]))
+        .await?;
     let mut cp = start - 1;
     let mut events = 0u64;
     let total = (head - cp).max(0) as u64;
@@ -265,7 +268,7 @@ pub async fn rebuild(
         };
         events += batch.len() as u64;
         bar.advance(batch.len() as u64);
-        store.apply_to(generation, batch).await?;
+        store.apply_to(generation, Batch::single(0, batch)).await?;
         cp = last;
     }
     bar.finish();
@@ -273,7 +276,11 @@ pub async fn rebuild(
     let conn = Mutex::new(
         rusqlite::Connection::open(log.path()).context("opening the event log for the switch")?,
     );
-    let tail = move |after: Offset, max: usize| -> Result<Vec<Record<DeliveryEvent>>, String> {
+    let tail = move |part: Partition,
+                     after: Offset,
+                     max: usize|
+          -> Result<Vec<Record<DeliveryEvent>>, String> {
+        assert_eq!(part, 0, "the embedded log has only partition 0");
         let c = conn.lock().map_err(|e| e.to_string())?;
         let mut st = c
             .prepare_cached("SELECT seq, record FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2")
@@ -293,7 +300,7 @@ pub async fn rebuild(
         }
         Ok(out)
     };
-    store.switch_to(generation, Box::new(tail)).await?;
+    store.switch_to(generation, vec![0], Box::new(tail)).await?;
     let dropped = if drop_old {
         store.drop_old().await?
     } else {

@@ -45,6 +45,8 @@ pub struct StageLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct GenerationLabels {
     pub generation: String,
+    /// Log partition (the embedded log is 0).
+    pub partition: String,
 }
 
 pub struct Metrics {
@@ -57,7 +59,8 @@ pub struct Metrics {
     pub append_seconds: Histogram,
     pub lag_records: Family<StageLabels, Gauge>,
     pub lag_seconds: Family<StageLabels, Gauge<f64, AtomicU64>>,
-    /// Events folded so far into each generation (a rebuild's progress), and the log head.
+    /// Last event folded so far into each generation per log partition (a rebuild's progress),
+    /// and the log head.
     pub generation_checkpoint: Family<GenerationLabels, Gauge>,
     pub events_log_head: Gauge,
 }
@@ -127,7 +130,7 @@ impl Metrics {
         );
         registry.register(
             "projection_generation_checkpoint",
-            "Last event folded into each projection generation (rebuild progress)",
+            "Last event folded into each projection generation, per log partition (rebuild progress)",
             m.generation_checkpoint.clone(),
         );
         registry.register(

@@ -1,17 +1,22 @@
 //! The CQL projection store against the embedded one, at the store interface: the same events
 //! give the same rows through every read, and a projector killed mid-batch (at each point of
-//! the CQL write order) and restarted gives exactly the rows of an uninterrupted run.
+//! the CQL write order) and restarted gives exactly the rows of an uninterrupted run, also with
+//! batches that carry several log partitions.
 //! Needs a CQL node: `scripts/cassandra.sh start`.
 
 mod common;
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 use xsender_events::event::{BounceClass, DeliveryEvent, EventKind};
 use xsender_events::fold::DispatchStatus;
 use xsender_events::log::Record;
 use xsender_events::projection::cql::{CqlProjections, CqlSettings, CrashPoint};
 use xsender_events::projection::sqlite::SqliteProjections;
-use xsender_events::projection::{ProjectionStore, RecipientsQuery};
+use xsender_events::projection::{Batch, Positions, ProjectionStore, RecipientsQuery, StoreError};
 
 const TENANTS: [&str; 2] = ["acme", "globex"];
 const CAMPAIGNS: [&str; 3] = ["spring", "summer", "fall"];
@@ -108,6 +113,10 @@ async fn snapshot(store: &dyn ProjectionStore) -> Value {
         "checkpoint".into(),
         json!(store.checkpoint().await.unwrap()),
     );
+    out.insert(
+        "checkpoints".into(),
+        json!(store.checkpoints().await.unwrap()),
+    );
     for tenant in TENANTS {
         for campaign in CAMPAIGNS {
             for status in [
@@ -185,7 +194,7 @@ async fn project(store: &dyn ProjectionStore, log: &[Record<DeliveryEvent>], bat
         if next.is_empty() {
             return;
         }
-        store.apply(next).await.unwrap();
+        store.apply(Batch::single(0, next)).await.unwrap();
     }
 }
 
@@ -226,7 +235,7 @@ async fn same_rows_as_the_embedded_store_and_exact_after_a_kill_at_any_point() {
             .cloned()
             .collect();
         store.crash_next_apply(point);
-        let err = store.apply(batch).await.unwrap_err();
+        let err = store.apply(Batch::single(0, batch)).await.unwrap_err();
         assert!(err.to_string().contains("injected crash"), "{err}");
         killed += 1;
         assert_eq!(
@@ -243,7 +252,7 @@ async fn same_rows_as_the_embedded_store_and_exact_after_a_kill_at_any_point() {
             .take(5)
             .cloned()
             .collect();
-        store.apply(next).await.unwrap();
+        store.apply(Batch::single(0, next)).await.unwrap();
     }
     assert_eq!(killed, 6);
     project(&store, &log, 13).await;
@@ -255,9 +264,15 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
     let log = log();
     let (settings, store) = cql_store().await;
     project(&store, &log[..100], 16).await;
-    let g = store.create_generation(1).await.unwrap();
+    let g = store
+        .create_generation(&Positions::from([(0, 1)]))
+        .await
+        .unwrap();
     assert_eq!(g, 2);
-    store.apply_to(g, log[..40].to_vec()).await.unwrap();
+    store
+        .apply_to(g, Batch::single(0, log[..40].to_vec()))
+        .await
+        .unwrap();
     // The live projector goes on writing generation 1 while the rebuild catches up.
     project(&store, &log, 16).await;
     let before = snapshot(&store).await;
@@ -268,7 +283,9 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
     store
         .switch_to(
             g,
-            Box::new(move |after, max| {
+            vec![0],
+            Box::new(move |part, after, max| {
+                assert_eq!(part, 0);
                 Ok(tail_log
                     .iter()
                     .filter(|r| r.offset > after)
@@ -281,7 +298,11 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
         .unwrap();
     let gens = store.generations().await.unwrap();
     assert_eq!(gens.len(), 2);
-    assert!(gens[1].current && gens[1].checkpoint == log.len() as i64);
+    assert!(gens[1].current);
+    assert_eq!(
+        gens[1].checkpoints,
+        Positions::from([(0, log.len() as i64)])
+    );
     assert_eq!(snapshot(&store).await, before);
     assert_eq!(store.drop_old().await.unwrap(), vec![1]);
     assert_eq!(snapshot(&store).await, before);
@@ -297,8 +318,8 @@ async fn a_rebuilt_generation_gives_the_same_rows_and_old_ones_drop() {
         value: event(999, "acme", 1, EventKind::Opened),
     };
     assert!(matches!(
-        store.apply(vec![extra]).await,
-        Err(xsender_events::projection::StoreError::Gap { .. })
+        store.apply(Batch::single(0, vec![extra])).await,
+        Err(StoreError::Gap { partition: 0, .. })
     ));
 }
 
@@ -357,4 +378,308 @@ async fn open_names_the_migrate_command_when_the_schema_is_behind() {
         .unwrap();
     assert_eq!(applied, vec![last]);
     CqlProjections::open(&settings).await.unwrap();
+}
+
+type Logs = BTreeMap<i32, Vec<Record<DeliveryEvent>>>;
+
+/// `log()` spread over 3 log partitions by event key (every copy of a key in one partition, as
+/// the log must key them), offsets from 1 in each partition.
+fn partitioned_log() -> Logs {
+    let mut out = Logs::new();
+    for r in log() {
+        let n: i32 = r.value.event_key[1..].parse().unwrap();
+        let part = out.entry(n % 3).or_default();
+        part.push(Record {
+            offset: part.len() as i64 + 1,
+            value: r.value,
+        });
+    }
+    out
+}
+
+/// A batch of the given runs: `(partition, after, count)`.
+fn runs(logs: &Logs, spec: &[(i32, i64, usize)]) -> Batch {
+    Batch {
+        parts: spec
+            .iter()
+            .map(|(p, after, n)| {
+                let run = logs[p]
+                    .iter()
+                    .filter(|r| r.offset > *after)
+                    .take(*n)
+                    .cloned()
+                    .collect();
+                (*p, run)
+            })
+            .collect(),
+    }
+}
+
+fn ends(logs: &Logs) -> Positions {
+    logs.iter().map(|(p, l)| (*p, l.len() as i64)).collect()
+}
+
+/// The rows of folding every partition in one batch, in the embedded store.
+async fn sequential_rows(logs: &Logs) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteProjections::open(&dir.path().join("p.db")).unwrap();
+    sqlite
+        .apply(Batch {
+            parts: logs.iter().map(|(p, l)| (*p, l.clone())).collect(),
+        })
+        .await
+        .unwrap();
+    snapshot(&sqlite).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_of_several_partitions_move_each_skip_replays_and_write_nothing_on_a_gap() {
+    let logs = partitioned_log();
+    let (_, store) = cql_store().await;
+    // Two partitions in one batch: both move.
+    store
+        .apply(runs(&logs, &[(0, 0, 10), (1, 0, 6)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.checkpoints().await.unwrap(),
+        Positions::from([(0, 10), (1, 6)])
+    );
+    assert_eq!(store.checkpoint().await.unwrap(), 10);
+    let before = snapshot(&store).await;
+    // Replaying an applied run, alone or beside another partition's, changes nothing.
+    store.apply(runs(&logs, &[(1, 0, 6)])).await.unwrap();
+    store
+        .apply(runs(&logs, &[(1, 2, 4), (0, 0, 10)]))
+        .await
+        .unwrap();
+    assert_eq!(snapshot(&store).await, before);
+    // A gap in one partition is reported with the partition, and nothing of the batch is
+    // written: not partition 0's run before it, nor partition 2's after it.
+    let mut batch = runs(&logs, &[(0, 10, 5), (1, 7, 3), (2, 0, 5)]);
+    assert_eq!(batch.len(), 13);
+    let err = store.apply(batch.clone()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            StoreError::Gap {
+                partition: 1,
+                first: 8,
+                checkpoint: 6
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(snapshot(&store).await, before);
+    // With partition 1's run from its checkpoint the same batch goes through.
+    batch.parts[1] = runs(&logs, &[(1, 6, 3)]).parts.remove(0);
+    store.apply(batch).await.unwrap();
+    assert_eq!(
+        store.checkpoints().await.unwrap(),
+        Positions::from([(0, 15), (1, 9), (2, 5)])
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_generation_starts_per_partition_and_switch_to_catches_each_up() {
+    let logs = Arc::new(partitioned_log());
+    let (_, store) = cql_store().await;
+    let g = store
+        .create_generation(&Positions::from([(0, 1), (1, 5), (2, 0), (3, 10)]))
+        .await
+        .unwrap();
+    assert_eq!(g, 2);
+    let gens = store.generations().await.unwrap();
+    assert!(gens[0].current && !gens[1].current);
+    assert_eq!(gens[0].checkpoints, Positions::from([(0, 0)]));
+    assert_eq!(
+        gens[1].checkpoints,
+        Positions::from([(0, 0), (1, 4), (2, 0), (3, 9)])
+    );
+    // Each partition continues from its own start: below it is a replay, beyond it a gap.
+    store.apply_to(g, runs(&logs, &[(1, 0, 3)])).await.unwrap();
+    assert!(matches!(
+        store.apply_to(g, runs(&logs, &[(1, 5, 3)])).await,
+        Err(StoreError::Gap {
+            partition: 1,
+            first: 6,
+            checkpoint: 4
+        })
+    ));
+    store
+        .apply_to(g, runs(&logs, &[(1, 4, 3), (2, 0, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.generations().await.unwrap()[1].checkpoints,
+        Positions::from([(0, 0), (1, 7), (2, 1), (3, 9)])
+    );
+    // A generation from the start of every partition, caught up by the switch.
+    let g = store
+        .create_generation(&Positions::from([(0, 1), (1, 1), (2, 1)]))
+        .await
+        .unwrap();
+    assert_eq!(g, 3);
+    store
+        .apply_to(g, runs(&logs, &[(0, 0, 20), (2, 0, 7)]))
+        .await
+        .unwrap();
+    let calls = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tail_logs, tail_calls) = (logs.clone(), calls.clone());
+    store
+        .switch_to(
+            g,
+            vec![0, 1, 2],
+            Box::new(move |part, after, max| {
+                tail_calls.lock().unwrap().push((part, after));
+                Ok(tail_logs[&part]
+                    .iter()
+                    .filter(|r| r.offset > after)
+                    .take(max.min(25))
+                    .cloned()
+                    .collect())
+            }),
+        )
+        .await
+        .unwrap();
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(calls.first(), Some(&(0, 20)), "from the checkpoint");
+    assert!(
+        calls.contains(&(1, 0)) && calls.contains(&(2, 7)),
+        "{calls:?}"
+    );
+    assert_eq!(store.checkpoints().await.unwrap(), ends(&logs));
+    let gens = store.generations().await.unwrap();
+    assert_eq!(
+        gens.iter()
+            .map(|g| (g.generation, g.current))
+            .collect::<Vec<_>>(),
+        vec![(1, false), (2, false), (3, true)]
+    );
+    assert_eq!(snapshot(&store).await, sequential_rows(&logs).await);
+    assert_eq!(store.drop_old().await.unwrap(), vec![1, 2]);
+    assert_eq!(store.generations().await.unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_single_checkpoint_of_an_older_keyspace_is_partition_0() {
+    let log = log();
+    let (settings, store) = cql_store().await;
+    project(&store, &log[..30], 16).await;
+    // As a keyspace written before 003: the checkpoint only in projection_generations.
+    let session = scylla::client::session_builder::SessionBuilder::new()
+        .known_node(common::cql_node())
+        .build()
+        .await
+        .unwrap();
+    let ks = &settings.keyspace;
+    for cql in [
+        format!("DELETE FROM {ks}.projection_checkpoints WHERE gen = 1"),
+        format!("UPDATE {ks}.projection_generations SET checkpoint = 30 WHERE gen = 1"),
+    ] {
+        session.query_unpaged(cql, ()).await.unwrap();
+    }
+    let store = CqlProjections::open(&settings).await.unwrap();
+    assert_eq!(
+        store.checkpoints().await.unwrap(),
+        Positions::from([(0, 30)])
+    );
+    assert_eq!(
+        store.generations().await.unwrap()[0].checkpoints,
+        Positions::from([(0, 30)])
+    );
+    assert!(matches!(
+        store.apply(Batch::single(0, log[31..40].to_vec())).await,
+        Err(StoreError::Gap {
+            partition: 0,
+            first: 32,
+            checkpoint: 30
+        })
+    ));
+    // It resumes right after; from then on partition 0's own row counts.
+    project(&store, &log, 16).await;
+    assert_eq!(store.checkpoint().await.unwrap(), log.len() as i64);
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqliteProjections::open(&dir.path().join("p.db")).unwrap();
+    project(&sqlite, &log, 16).await;
+    assert_eq!(snapshot(&store).await, snapshot(&sqlite).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interleaved_partitions_with_replays_and_kills_give_the_sequential_rows() {
+    let logs = partitioned_log();
+    let expected = sequential_rows(&logs).await;
+    let ends = ends(&logs);
+
+    // Killed between the checkpoints of a 3-partition batch: the partitions whose checkpoint
+    // landed are done, the others replay.
+    let (settings, store) = cql_store().await;
+    store
+        .apply(runs(&logs, &[(0, 0, 4), (1, 0, 4), (2, 0, 4)]))
+        .await
+        .unwrap();
+    store.crash_next_apply(CrashPoint::AfterCheckpoints(1));
+    let err = store
+        .apply(runs(&logs, &[(2, 4, 9), (0, 4, 9), (1, 4, 9)]))
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("injected crash"), "{err}");
+    assert_eq!(
+        store.checkpoints().await.unwrap(),
+        Positions::from([(0, 13), (1, 4), (2, 4)]),
+        "partition order, after every row"
+    );
+    let mut store = CqlProjections::open(&settings).await.unwrap();
+
+    // Then random interleavings of per-partition chunks, several to a batch, re-deliveries
+    // from before the checkpoint, and kills anywhere in the write order.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+    let mut kills = 0;
+    let mut batches = 0;
+    loop {
+        let cps = store.checkpoints().await.unwrap();
+        let open: Vec<i32> = ends
+            .iter()
+            .filter(|(p, end)| cps.get(p).copied().unwrap_or(0) < **end)
+            .map(|(p, _)| *p)
+            .collect();
+        if open.is_empty() {
+            break;
+        }
+        let mut spec = Vec::new();
+        let mut planned = cps.clone();
+        for _ in 0..rng.gen_range(1..=3) {
+            let part = open[rng.gen_range(0..open.len())];
+            let cp = planned.get(&part).copied().unwrap_or(0);
+            let from = if rng.gen_bool(0.3) {
+                rng.gen_range(0..=cp)
+            } else {
+                cp
+            };
+            let n = rng.gen_range(1..=12);
+            spec.push((part, from, n));
+            planned.insert(part, (from + n as i64).min(ends[&part]).max(cp));
+        }
+        if rng.gen_bool(0.2) {
+            store.crash_next_apply(match rng.gen_range(0..5) {
+                0 => CrashPoint::AfterDispatchRows(rng.gen_range(0..5)),
+                1 => CrashPoint::BeforeSeen,
+                2 => CrashPoint::BeforeCheckpoint,
+                _ => CrashPoint::AfterCheckpoints(rng.gen_range(0..3)),
+            });
+        }
+        batches += 1;
+        match store.apply(runs(&logs, &spec)).await {
+            Ok(()) => {}
+            Err(e) => {
+                assert!(e.to_string().contains("injected crash"), "{e}");
+                kills += 1;
+                store = CqlProjections::open(&settings).await.unwrap();
+            }
+        }
+        assert!(batches < 1000);
+    }
+    assert!(kills >= 3, "{kills} kills in {batches} batches");
+    assert_eq!(store.checkpoints().await.unwrap(), ends);
+    assert_eq!(snapshot(&store).await, expected);
 }

@@ -173,7 +173,7 @@ async fn metrics_count_a_mixed_run_exactly() {
     }
     assert_eq!(get("xsender_events_log_head"), 17.0);
     assert_eq!(
-        get("xsender_projection_generation_checkpoint{generation=\"1\"}"),
+        get("xsender_projection_generation_checkpoint{generation=\"1\",partition=\"0\"}"),
         17.0
     );
     // /metrics is not rate limited and needs no token.

@@ -689,6 +689,18 @@ async fn rebuild_while_serving_gives_identical_rows(backend: Backend) {
     assert_eq!(h.post_sendgrid("acme", body).await.0, 200);
     h.settle().await;
     assert_eq!(rows(&h).await.len(), 208);
+    // The admin view: the embedded log's checkpoint as `checkpoint` and per partition.
+    let (status, body) = h
+        .admin(reqwest::Method::GET, "/api/admin/projections", None)
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let gens = body["generations"].as_array().unwrap();
+    assert_eq!(gens.len(), 1, "{body}");
+    assert_eq!(gens[0]["generation"], 2);
+    assert_eq!(gens[0]["current"], true);
+    let checkpoint = gens[0]["checkpoint"].as_i64().unwrap();
+    assert!(checkpoint > 0, "{body}");
+    assert_eq!(gens[0]["checkpoints"], json!({"0": checkpoint}));
 }
 
 backend_tests!(

@@ -159,7 +159,19 @@ pub async fn handle(state: &AppState, rest: &[&str], req: Request<Incoming>) -> 
         }
         (["projections"], &Method::GET) => match state.projections.generations().await {
             Ok(g) => {
-                let items: Vec<Value> = g.iter().map(|g| json!({"generation": g.generation, "checkpoint": g.checkpoint, "current": g.current})).collect();
+                // `checkpoint` is log partition 0's (the embedded log), kept for compatibility;
+                // `checkpoints` has every partition's, keyed by partition number.
+                let items: Vec<Value> = g
+                    .iter()
+                    .map(|g| {
+                        json!({
+                            "generation": g.generation,
+                            "checkpoint": g.checkpoints.get(&0).copied().unwrap_or(0),
+                            "checkpoints": g.checkpoints,
+                            "current": g.current,
+                        })
+                    })
+                    .collect();
                 http::json(StatusCode::OK, &json!({"generations": items}))
             }
             Err(e) => http::error(

@@ -139,10 +139,13 @@ async fn metrics(state: &AppState) -> Resp {
     }
     if let Ok(gens) = state.projections.generations().await {
         for g in gens {
-            let l = crate::telemetry::GenerationLabels {
-                generation: g.generation.to_string(),
-            };
-            m.generation_checkpoint.get_or_create(&l).set(g.checkpoint);
+            for (partition, checkpoint) in &g.checkpoints {
+                let l = crate::telemetry::GenerationLabels {
+                    generation: g.generation.to_string(),
+                    partition: partition.to_string(),
+                };
+                m.generation_checkpoint.get_or_create(&l).set(*checkpoint);
+            }
         }
     }
     for p in state.providers.values() {

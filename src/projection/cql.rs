@@ -8,12 +8,31 @@
 //! tables come from `schemas/cql/generation.cql` with a `_g<N>` suffix: `dispatches_g<N>` (by
 //! tenant + dispatch key), `campaign_recipients_g<N>` (partition per tenant + campaign,
 //! clustered by dispatch key), `seen_g<N>` (tenant + event key), `suppressions_g<N>` (partition
-//! per tenant, clustered by email + reason) and `contacts_g<N>`. `projection_generations` keeps
-//! each generation's checkpoint and `projection_current` the single row naming the generation
-//! that readers and the live projector use. Every statement is prepared and names its keyspace,
-//! so the driver's default load balancing routes it to a replica of its partition; all run at the
-//! driver's default LOCAL_QUORUM, so a checkpoint or a switch written is what the next read in
-//! the data center sees.
+//! per tenant, clustered by email + reason) and `contacts_g<N>`. `projection_generations` lists
+//! the generations, `projection_checkpoints` keeps each generation's checkpoint per log
+//! partition, and `projection_current` is the single row naming the generation that readers and
+//! the live projector use. Every statement is prepared and names its keyspace, so the driver's
+//! default load balancing routes it to a replica of its partition; all run at the driver's
+//! default LOCAL_QUORUM, so a checkpoint or a switch written is what the next read in the data
+//! center sees.
+//!
+//! # Checkpoints per log partition
+//!
+//! `projection_checkpoints` (`003_projection_checkpoints.cql`) has one CQL partition per
+//! generation and a clustering row per log partition: moving a log partition's checkpoint is a
+//! single-row write, reading all of a generation's checkpoints one partition read. A
+//! `map<int, bigint>` column on `projection_generations` would have done the same with
+//! `SET checkpoints[?] = ?`, but adding a column takes `ALTER TABLE … ADD`, which fails when
+//! run twice (its `IF NOT EXISTS` form is a recent Cassandra addition, not CQL this project
+//! relies on ScyllaDB to accept), while every schema file must survive `migrate` running it
+//! again after a crash before it was recorded; a new table is a `CREATE TABLE IF NOT EXISTS`
+//! like every other file. The table also keeps the checkpoints apart from collection semantics
+//! (a map rewritten whole leaves a tombstone, and is always read whole).
+//!
+//! Keyspaces migrated before it kept one checkpoint in `projection_generations.checkpoint`. It
+//! is read as log partition 0 of a generation with no partition-0 row in the new table, so a
+//! deployment resumes exactly where it was; the first batch then writes partition 0's row,
+//! which wins from there on. New generations leave the old column empty.
 //!
 //! # Crash safety without multi-partition transactions
 //!
@@ -35,14 +54,22 @@
 //!    the suppressions and the contacts. Suppression and contact merges are min/max merges, so
 //!    merging an event twice is harmless; campaign copies are derived from the dispatch row
 //!    and rewritten for every touched dispatch, so a lost copy is repaired by the replay.
-//! 4. Write the new `seen` claims, then 5. the checkpoint. A claim only ever makes the replay
+//! 4. Write the new `seen` claims, then 5. the checkpoints. A claim only ever makes the replay
 //!    skip the same key on *another* dispatch (which must be skipped anyway); for its own
 //!    dispatch the row's `applied` decides, so a claim whose row was lost loses nothing.
 //!
-//! `tests/cql_store.rs` kills a batch after some dispatch rows, before the claims and before
-//! the checkpoint, restarts with other batch boundaries, and compares every read with an
-//! uninterrupted run (and with the embedded store); moving the checkpoint write earlier makes
-//! it fail.
+//! A batch may carry runs of several log partitions. Every run is checked against its
+//! partition's checkpoint (read once, at the start) before anything is written, so a
+//! [`StoreError::Gap`] in any partition writes nothing. The runs are folded together, and each
+//! moved partition's checkpoint is written only after *all* rows and claims of the batch, one
+//! single-row write per partition: a kill between two of them leaves the partitions whose
+//! checkpoint did not land to be replayed, which step 2 makes harmless, while the others are
+//! skipped because everything of theirs was written.
+//!
+//! `tests/cql_store.rs` kills a batch after some dispatch rows, before the claims, before the
+//! checkpoints and between the checkpoints of a multi-partition batch, restarts with other
+//! batch boundaries, and compares every read with an uninterrupted run (and with the embedded
+//! store); moving a checkpoint write earlier makes it fail.
 //!
 //! `applied` grows with the distinct events of one dispatch (a handful of deliveries, opens and
 //! clicks in practice), which bounds the row.
@@ -55,9 +82,10 @@
 //! current generation per operation (per batch for the projector). There is no global write
 //! lock: a projector batch that read the old generation just before the switch may still be
 //! written into the old generation after it. That is harmless: nobody reads the old generation
-//! any more, and on its next batch the projector reads the new generation's own checkpoint (or
+//! any more, and on its next batch the projector reads the new generation's own checkpoints (or
 //! gets [`StoreError::Gap`] and re-reads), so the events the catch-up did not see are folded
-//! into the new generation by the live projector. One projector per generation is assumed
+//! into the new generation by the live projector. The catch-up runs each log partition it is
+//! given until the log returns nothing for it. One projector per generation is assumed
 //! (the single-writer design of `serve`), and one rebuild at a time; `drop_old` removes the
 //! other generations' tables. A read that named the old generation just before the switch and
 //! reaches its tables after `drop_old` fails; it is then retried on the generation that is
@@ -81,7 +109,10 @@ use scylla::client::session::Session;
 use scylla::client::session_builder::SessionBuilder;
 use scylla::statement::prepared::PreparedStatement;
 
-use super::{Generation, GenerationInfo, ProjectionStore, RecipientsQuery, StoreError};
+use super::{
+    plan, start_checkpoints, Batch, Generation, GenerationInfo, Partition, Plan, Positions,
+    ProjectionStore, RecipientsQuery, StoreError, TailReader,
+};
 use crate::event::DeliveryEvent;
 use crate::fold::{
     apply_contact, contact_change_of, fold_dispatch, merge_suppression, suppression_of, ContactRow,
@@ -100,6 +131,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         2,
         "002_tenants",
         include_str!("../../schemas/cql/002_tenants.cql"),
+    ),
+    (
+        3,
+        "003_projection_checkpoints",
+        include_str!("../../schemas/cql/003_projection_checkpoints.cql"),
     ),
 ];
 
@@ -409,14 +445,21 @@ pub enum CrashPoint {
     AfterDispatchRows(usize),
     /// After every row, before the seen claims and the checkpoint.
     BeforeSeen,
-    /// After rows and seen claims, before the checkpoint.
+    /// After rows and seen claims, before the checkpoints.
     BeforeCheckpoint,
+    /// After this many of the batch's partition checkpoints (in partition order).
+    AfterCheckpoints(usize),
 }
 
 struct Meta {
     current: PreparedStatement,
-    checkpoint: PreparedStatement,
+    /// The single checkpoint of keyspaces migrated before 003, read as partition 0; also
+    /// whether the generation exists.
+    old_checkpoint: PreparedStatement,
+    checkpoints: PreparedStatement,
     set_checkpoint: PreparedStatement,
+    delete_checkpoint: PreparedStatement,
+    delete_checkpoints: PreparedStatement,
     generations: PreparedStatement,
     insert_generation: PreparedStatement,
     set_current: PreparedStatement,
@@ -526,13 +569,28 @@ impl CqlProjections {
         let meta = async {
             Ok::<_, StoreError>(Meta {
                 current: p("SELECT gen FROM {ks}.projection_current WHERE id = 1", true).await?,
-                checkpoint: p(
+                old_checkpoint: p(
                     "SELECT checkpoint FROM {ks}.projection_generations WHERE gen = ?",
                     true,
                 )
                 .await?,
+                checkpoints: p(
+                    "SELECT part, checkpoint FROM {ks}.projection_checkpoints WHERE gen = ?",
+                    true,
+                )
+                .await?,
                 set_checkpoint: p(
-                    "UPDATE {ks}.projection_generations SET checkpoint = ? WHERE gen = ?",
+                    "UPDATE {ks}.projection_checkpoints SET checkpoint = ? WHERE gen = ? AND part = ?",
+                    true,
+                )
+                .await?,
+                delete_checkpoint: p(
+                    "DELETE FROM {ks}.projection_checkpoints WHERE gen = ? AND part = ?",
+                    true,
+                )
+                .await?,
+                delete_checkpoints: p(
+                    "DELETE FROM {ks}.projection_checkpoints WHERE gen = ?",
                     true,
                 )
                 .await?,
@@ -542,7 +600,7 @@ impl CqlProjections {
                 )
                 .await?,
                 insert_generation: p(
-                    "INSERT INTO {ks}.projection_generations (gen, checkpoint) VALUES (?, ?)",
+                    "INSERT INTO {ks}.projection_generations (gen) VALUES (?)",
                     true,
                 )
                 .await?,
@@ -646,19 +704,48 @@ impl CqlProjections {
         g.ok_or_else(|| StoreError::Invalid("projection_current has no generation".into()))
     }
 
-    async fn checkpoint_of(&self, g: Generation) -> Result<Offset, StoreError> {
+    /// The checkpoints of generation `g`, with the old single checkpoint as partition 0 when
+    /// there is no row for partition 0 (see the module doc).
+    async fn checkpoints_of(&self, g: Generation) -> Result<Positions, StoreError> {
+        let (old, rows) = futures::try_join!(
+            async {
+                let r = self
+                    .session
+                    .execute_unpaged(&self.meta.old_checkpoint, (g,))
+                    .await
+                    .map_err(unavailable)?
+                    .into_rows_result()
+                    .map_err(unavailable)?;
+                let row = r
+                    .maybe_first_row::<(Option<i64>,)>()
+                    .map_err(unavailable)?
+                    .ok_or_else(|| StoreError::Invalid(format!("generation {g} does not exist")))?;
+                Ok::<_, StoreError>(row.0)
+            },
+            self.partition_checkpoints(g)
+        )?;
+        let mut out = rows;
+        if let Some(old) = old {
+            out.entry(0).or_insert(old);
+        }
+        Ok(out)
+    }
+
+    /// The rows of `projection_checkpoints` of generation `g`.
+    async fn partition_checkpoints(&self, g: Generation) -> Result<Positions, StoreError> {
         let r = self
             .session
-            .execute_unpaged(&self.meta.checkpoint, (g,))
+            .execute_unpaged(&self.meta.checkpoints, (g,))
             .await
             .map_err(unavailable)?
             .into_rows_result()
             .map_err(unavailable)?;
-        let row = r
-            .maybe_first_row::<(Option<i64>,)>()
-            .map_err(unavailable)?
-            .ok_or_else(|| StoreError::Invalid(format!("generation {g} does not exist")))?;
-        Ok(row.0.unwrap_or(0))
+        let mut out = Positions::new();
+        for row in r.rows::<(Partition, Option<i64>)>().map_err(unavailable)? {
+            let (part, checkpoint) = row.map_err(unavailable)?;
+            out.insert(part, checkpoint.unwrap_or(0));
+        }
+        Ok(out)
     }
 
     /// Reads rows of one text column `state` and decodes them.
@@ -750,28 +837,16 @@ impl CqlProjections {
         Ok(None)
     }
 
-    /// Applies a batch to generation `g` (see the module doc for the write order).
-    async fn apply_gen(
-        &self,
-        g: Generation,
-        events: &[Record<DeliveryEvent>],
-    ) -> Result<Offset, StoreError> {
-        let checkpoint = self.checkpoint_of(g).await?;
-        if let Some(first) = events
-            .first()
-            .map(|r| r.offset)
-            .filter(|f| *f > checkpoint + 1)
-        {
-            return Err(StoreError::Gap { first, checkpoint });
+    /// Applies a batch to generation `g` (see the module doc for the write order); returns
+    /// the checkpoints after it.
+    async fn apply_gen(&self, g: Generation, batch: &Batch) -> Result<Positions, StoreError> {
+        let mut checkpoints = self.checkpoints_of(g).await?;
+        // Every partition's gap is found here, before anything is written.
+        let Plan { fresh, moved } = plan(&checkpoints, batch)?;
+        if fresh.is_empty() {
+            return Ok(checkpoints);
         }
-        let fresh: Vec<&DeliveryEvent> = events
-            .iter()
-            .filter(|r| r.offset > checkpoint)
-            .map(|r| &r.value)
-            .collect();
-        let Some(last) = events.last().map(|r| r.offset).filter(|l| *l > checkpoint) else {
-            return Ok(checkpoint);
-        };
+        let fresh: Vec<&DeliveryEvent> = fresh.into_iter().map(|r| &r.value).collect();
         let st = self.statements(g).await?;
         let session = &self.session;
 
@@ -1010,7 +1085,8 @@ impl CqlProjections {
         .await?;
         self.crash_at(|p| p == CrashPoint::BeforeSeen)?;
 
-        // 5. Claims, then 6. the checkpoint.
+        // 5. Claims, then 6. the checkpoints: each only after every row and claim of the
+        // whole batch, whichever partitions they came from.
         run_all(
             new_claims
                 .iter()
@@ -1019,11 +1095,23 @@ impl CqlProjections {
         )
         .await?;
         self.crash_at(|p| p == CrashPoint::BeforeCheckpoint)?;
-        self.session
-            .execute_unpaged(&self.meta.set_checkpoint, (last, g))
-            .await
-            .map_err(unavailable)?;
-        Ok(last)
+        let moves: Vec<(Partition, Offset)> = moved.into_iter().collect();
+        let cut = match *self.crash.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(CrashPoint::AfterCheckpoints(n)) => n.min(moves.len()),
+            _ => moves.len(),
+        };
+        run_all(
+            moves[..cut]
+                .iter()
+                .map(|(part, checkpoint)| {
+                    session.execute_unpaged(&self.meta.set_checkpoint, (checkpoint, g, part))
+                })
+                .collect(),
+        )
+        .await?;
+        self.crash_at(|p| matches!(p, CrashPoint::AfterCheckpoints(_)))?;
+        checkpoints.extend(moves);
+        Ok(checkpoints)
     }
 }
 
@@ -1042,14 +1130,14 @@ where
 
 #[async_trait]
 impl ProjectionStore for CqlProjections {
-    async fn checkpoint(&self) -> Result<Offset, StoreError> {
+    async fn checkpoints(&self) -> Result<Positions, StoreError> {
         let g = self.current_gen().await?;
-        self.checkpoint_of(g).await
+        self.checkpoints_of(g).await
     }
 
-    async fn apply(&self, events: Vec<Record<DeliveryEvent>>) -> Result<(), StoreError> {
+    async fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         let g = self.current_gen().await?;
-        self.apply_gen(g, &events).await.map(|_| ())
+        self.apply_gen(g, &batch).await.map(|_| ())
     }
 
     async fn recipients(&self, q: RecipientsQuery) -> Result<Vec<DispatchRow>, StoreError> {
@@ -1110,20 +1198,28 @@ impl ProjectionStore for CqlProjections {
             .map_err(unavailable)?
             .into_rows_result()
             .map_err(unavailable)?;
-        let mut out = Vec::new();
+        let mut gens = Vec::new();
         for row in r.rows::<(i64, Option<i64>)>().map_err(unavailable)? {
-            let (generation, checkpoint) = row.map_err(unavailable)?;
+            let (generation, old) = row.map_err(unavailable)?;
+            gens.push((generation, old));
+        }
+        gens.sort_by_key(|g| g.0);
+        let mut out = Vec::new();
+        for (generation, old) in gens {
+            let mut checkpoints = self.partition_checkpoints(generation).await?;
+            if let Some(old) = old {
+                checkpoints.entry(0).or_insert(old);
+            }
             out.push(GenerationInfo {
                 generation,
-                checkpoint: checkpoint.unwrap_or(0),
+                checkpoints,
                 current: generation == current,
             });
         }
-        out.sort_by_key(|g| g.generation);
         Ok(out)
     }
 
-    async fn create_generation(&self, start: Offset) -> Result<Generation, StoreError> {
+    async fn create_generation(&self, start: &Positions) -> Result<Generation, StoreError> {
         let g = self
             .generations()
             .await?
@@ -1133,43 +1229,76 @@ impl ProjectionStore for CqlProjections {
             .unwrap_or(0)
             + 1;
         create_generation_tables(&self.session, &self.keyspace, g).await?;
+        // The checkpoints before the row that lists the generation. Rows of this number left
+        // by a create_generation that died before listing it are deleted one by one rather
+        // than with the whole partition: a partition tombstone could shadow the rows written
+        // next (server-side timestamps from different coordinators).
+        let start = start_checkpoints(start);
+        let stale: Vec<Partition> = self
+            .partition_checkpoints(g)
+            .await?
+            .into_keys()
+            .filter(|p| !start.contains_key(p))
+            .collect();
+        run_all(
+            stale
+                .iter()
+                .map(|p| {
+                    self.session
+                        .execute_unpaged(&self.meta.delete_checkpoint, (g, p))
+                })
+                .collect(),
+        )
+        .await?;
+        run_all(
+            start
+                .iter()
+                .map(|(p, c)| {
+                    self.session
+                        .execute_unpaged(&self.meta.set_checkpoint, (c, g, p))
+                })
+                .collect(),
+        )
+        .await?;
         self.session
-            .execute_unpaged(&self.meta.insert_generation, (g, (start - 1).max(0)))
+            .execute_unpaged(&self.meta.insert_generation, (g,))
             .await
             .map_err(unavailable)?;
         Ok(g)
     }
 
-    async fn apply_to(
-        &self,
-        generation: Generation,
-        events: Vec<Record<DeliveryEvent>>,
-    ) -> Result<(), StoreError> {
-        self.apply_gen(generation, &events).await.map(|_| ())
+    async fn apply_to(&self, generation: Generation, batch: Batch) -> Result<(), StoreError> {
+        self.apply_gen(generation, &batch).await.map(|_| ())
     }
 
     async fn switch_to(
         &self,
         generation: Generation,
-        tail: Box<
-            dyn Fn(Offset, usize) -> Result<Vec<Record<DeliveryEvent>>, String> + Send + Sync,
-        >,
+        partitions: Vec<Partition>,
+        tail: TailReader,
     ) -> Result<(), StoreError> {
         // No write lock to take (see the module doc): catch up, then flip the single row.
         let tail: Arc<
-            dyn Fn(Offset, usize) -> Result<Vec<Record<DeliveryEvent>>, String> + Send + Sync,
+            dyn Fn(Partition, Offset, usize) -> Result<Vec<Record<DeliveryEvent>>, String>
+                + Send
+                + Sync,
         > = Arc::from(tail);
-        loop {
-            let cp = self.checkpoint_of(generation).await?;
-            let t = tail.clone();
-            let batch = tokio::task::spawn_blocking(move || t(cp, 5000))
-                .await
-                .map_err(unavailable)?
-                .map_err(StoreError::Unavailable)?;
-            if batch.is_empty() {
-                break;
+        let mut checkpoints = self.checkpoints_of(generation).await?;
+        for part in partitions {
+            loop {
+                let after = checkpoints.get(&part).copied().unwrap_or(0);
+                let t = tail.clone();
+                let events = tokio::task::spawn_blocking(move || t(part, after, 5000))
+                    .await
+                    .map_err(unavailable)?
+                    .map_err(StoreError::Unavailable)?;
+                if events.is_empty() {
+                    break;
+                }
+                checkpoints = self
+                    .apply_gen(generation, &Batch::single(part, events))
+                    .await?;
             }
-            self.apply_gen(generation, &batch).await?;
         }
         self.session
             .execute_unpaged(&self.meta.set_current, (generation,))
@@ -1196,6 +1325,10 @@ impl ProjectionStore for CqlProjections {
                     .await
                     .map_err(unavailable)?;
             }
+            self.session
+                .execute_unpaged(&self.meta.delete_checkpoints, (*g,))
+                .await
+                .map_err(unavailable)?;
             self.session
                 .execute_unpaged(&self.meta.delete_generation, (*g,))
                 .await

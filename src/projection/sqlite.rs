@@ -1,6 +1,13 @@
 //! The embedded projection store: one SQLite file, one set of tables per generation
 //! (`dispatches_<g>`, `seen_<g>`, `suppressions_<g>`, `contacts_<g>`), and a `current` row
 //! that names the generation readers and the projector use.
+//!
+//! `generations` lists the generations; `checkpoints` holds each generation's checkpoint per
+//! log partition, moved in the transaction that folds the batch. Data folders written before
+//! checkpoints were per partition kept a single `generations.checkpoint`: `open` carries it
+//! over as partition 0 (once: an existing row is never overwritten), so such a deployment
+//! resumes exactly where it was. The old column is no longer read after that and new
+//! generations write 0 into it.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,18 +17,28 @@ use std::time::Duration;
 use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 
-use super::{Generation, GenerationInfo, ProjectionStore, RecipientsQuery, StoreError};
+use super::{
+    plan, start_checkpoints, Batch, Generation, GenerationInfo, Partition, Plan, Positions,
+    ProjectionStore, RecipientsQuery, StoreError, TailReader,
+};
 use crate::event::DeliveryEvent;
 use crate::fold::{
     apply_contact, contact_change_of, fold_dispatch, merge_suppression, suppression_of, ContactRow,
     DispatchRow, SuppressionRow,
 };
-use crate::log::{Offset, Record};
+use crate::log::Offset;
 
 const META: &str = "
 CREATE TABLE IF NOT EXISTS generations (gen INTEGER PRIMARY KEY, checkpoint INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS current (id INTEGER PRIMARY KEY CHECK (id = 1), gen INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (gen INTEGER NOT NULL, part INTEGER NOT NULL,
+    checkpoint INTEGER NOT NULL, PRIMARY KEY (gen, part)) WITHOUT ROWID;
 ";
+
+/// The single checkpoint of data folders from before `checkpoints`, as partition 0.
+/// Idempotent: runs at every open and never overwrites a partition-0 row.
+const CARRY_OVER: &str = "INSERT OR IGNORE INTO checkpoints (gen, part, checkpoint)
+    SELECT gen, 0, checkpoint FROM generations WHERE checkpoint > 0";
 
 fn tables_sql(g: Generation) -> String {
     format!(
@@ -72,9 +89,15 @@ impl SqliteProjections {
                 [],
             )
             .map_err(unavailable)?;
+            tx.execute(
+                "INSERT OR IGNORE INTO checkpoints (gen, part, checkpoint) VALUES (1, 0, 0)",
+                [],
+            )
+            .map_err(unavailable)?;
             tx.execute("INSERT INTO current (id, gen) VALUES (1, 1)", [])
                 .map_err(unavailable)?;
         }
+        tx.execute(CARRY_OVER, []).map_err(unavailable)?;
         tx.commit().map_err(unavailable)?;
         // The projector's connection: 16 MiB of page cache (default 2 MiB), so the rows a batch
         // reads and rewrites stay in memory instead of being read back with a syscall each.
@@ -128,15 +151,33 @@ fn current_gen(c: &Connection) -> Result<Generation, StoreError> {
         .map_err(unavailable)
 }
 
-fn checkpoint_of(c: &Connection, g: Generation) -> Result<Offset, StoreError> {
-    c.query_row(
-        "SELECT checkpoint FROM generations WHERE gen = ?1",
-        [g],
-        |r| r.get(0),
-    )
-    .optional()
-    .map_err(unavailable)?
-    .ok_or_else(|| StoreError::Invalid(format!("generation {g} does not exist")))
+fn checkpoints_of(c: &Connection, g: Generation) -> Result<Positions, StoreError> {
+    c.query_row("SELECT 1 FROM generations WHERE gen = ?1", [g], |_| Ok(()))
+        .optional()
+        .map_err(unavailable)?
+        .ok_or_else(|| StoreError::Invalid(format!("generation {g} does not exist")))?;
+    let mut st = c
+        .prepare_cached("SELECT part, checkpoint FROM checkpoints WHERE gen = ?1")
+        .map_err(unavailable)?;
+    let rows = st
+        .query_map([g], |r| Ok((r.get(0)?, r.get(1)?)))
+        .map_err(unavailable)?;
+    rows.collect::<rusqlite::Result<Positions>>()
+        .map_err(unavailable)
+}
+
+fn set_checkpoints(c: &Connection, g: Generation, moved: &Positions) -> Result<(), StoreError> {
+    let mut st = c
+        .prepare_cached(
+            "INSERT INTO checkpoints (gen, part, checkpoint) VALUES (?1, ?2, ?3)
+             ON CONFLICT (gen, part) DO UPDATE SET checkpoint = excluded.checkpoint",
+        )
+        .map_err(unavailable)?;
+    for (part, checkpoint) in moved {
+        st.execute(params![g, part, checkpoint])
+            .map_err(unavailable)?;
+    }
+    Ok(())
 }
 
 fn json<T: serde::Serialize>(v: &T) -> Result<String, StoreError> {
@@ -149,25 +190,15 @@ fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
 }
 
 /// Folds a batch into generation `g` inside the caller's transaction: dedupe by event key,
-/// fold per row (rows touched several times in a batch are read and written once).
-fn apply_in_tx(
-    tx: &Connection,
-    g: Generation,
-    events: &[Record<DeliveryEvent>],
-) -> Result<Offset, StoreError> {
-    let checkpoint = checkpoint_of(tx, g)?;
-    if let Some(first) = events
-        .first()
-        .map(|r| r.offset)
-        .filter(|f| *f > checkpoint + 1)
-    {
-        return Err(StoreError::Gap { first, checkpoint });
+/// fold per row (rows touched several times in a batch are read and written once). Every
+/// partition's gap is checked before anything is written; on an error the caller drops the
+/// transaction, so nothing of the batch is applied. Returns the checkpoints after the batch.
+fn apply_in_tx(tx: &Connection, g: Generation, batch: &Batch) -> Result<Positions, StoreError> {
+    let mut checkpoints = checkpoints_of(tx, g)?;
+    let Plan { fresh, moved } = plan(&checkpoints, batch)?;
+    if fresh.is_empty() {
+        return Ok(checkpoints);
     }
-    let fresh: Vec<&Record<DeliveryEvent>> =
-        events.iter().filter(|r| r.offset > checkpoint).collect();
-    let Some(last) = fresh.last().map(|r| r.offset) else {
-        return Ok(checkpoint);
-    };
     // Ordered maps: rows are written back in key order, so consecutive upserts land on the same
     // or neighbouring b-tree pages instead of all over the table.
     let mut dispatches: BTreeMap<(String, String), DispatchRow> = BTreeMap::new();
@@ -298,12 +329,9 @@ fn apply_in_tx(
             .execute(params![tenant, email, json(row)?])
             .map_err(unavailable)?;
     }
-    tx.execute(
-        "UPDATE generations SET checkpoint = ?1 WHERE gen = ?2",
-        params![last, g],
-    )
-    .map_err(unavailable)?;
-    Ok(last)
+    set_checkpoints(tx, g, &moved)?;
+    checkpoints.extend(moved);
+    Ok(checkpoints)
 }
 
 fn collect_states<T: serde::de::DeserializeOwned>(
@@ -324,11 +352,11 @@ fn collect_states<T: serde::de::DeserializeOwned>(
 
 #[async_trait]
 impl ProjectionStore for SqliteProjections {
-    async fn checkpoint(&self) -> Result<Offset, StoreError> {
-        self.read(checkpoint_of).await
+    async fn checkpoints(&self) -> Result<Positions, StoreError> {
+        self.read(checkpoints_of).await
     }
 
-    async fn apply(&self, events: Vec<Record<DeliveryEvent>>) -> Result<(), StoreError> {
+    async fn apply(&self, batch: Batch) -> Result<(), StoreError> {
         self.write(move |c| {
             // IMMEDIATE: take the write lock before reading which generation is current, so a
             // concurrent rebuild cannot switch between that read and our write.
@@ -336,7 +364,7 @@ impl ProjectionStore for SqliteProjections {
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
             let g = current_gen(&tx)?;
-            apply_in_tx(&tx, g, &events)?;
+            apply_in_tx(&tx, g, &batch)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -436,26 +464,49 @@ impl ProjectionStore for SqliteProjections {
 
     async fn generations(&self) -> Result<Vec<GenerationInfo>, StoreError> {
         self.read(|c, current| {
+            let mut out: BTreeMap<Generation, GenerationInfo> = BTreeMap::new();
             let mut st = c
-                .prepare("SELECT gen, checkpoint FROM generations ORDER BY gen")
+                .prepare("SELECT gen FROM generations")
                 .map_err(unavailable)?;
-            let rows = st
-                .query_map([], |r| {
-                    let generation: i64 = r.get(0)?;
-                    Ok(GenerationInfo {
+            for generation in st
+                .query_map([], |r| r.get::<_, Generation>(0))
+                .map_err(unavailable)?
+            {
+                let generation = generation.map_err(unavailable)?;
+                out.insert(
+                    generation,
+                    GenerationInfo {
                         generation,
-                        checkpoint: r.get(1)?,
+                        checkpoints: Positions::new(),
                         current: generation == current,
-                    })
-                })
+                    },
+                );
+            }
+            let mut st = c
+                .prepare("SELECT gen, part, checkpoint FROM checkpoints")
                 .map_err(unavailable)?;
-            rows.collect::<rusqlite::Result<Vec<_>>>()
-                .map_err(unavailable)
+            for row in st
+                .query_map([], |r| {
+                    Ok((
+                        r.get::<_, Generation>(0)?,
+                        r.get::<_, Partition>(1)?,
+                        r.get::<_, Offset>(2)?,
+                    ))
+                })
+                .map_err(unavailable)?
+            {
+                let (g, part, checkpoint) = row.map_err(unavailable)?;
+                if let Some(info) = out.get_mut(&g) {
+                    info.checkpoints.insert(part, checkpoint);
+                }
+            }
+            Ok(out.into_values().collect())
         })
         .await
     }
 
-    async fn create_generation(&self, start: Offset) -> Result<Generation, StoreError> {
+    async fn create_generation(&self, start: &Positions) -> Result<Generation, StoreError> {
+        let start = start_checkpoints(start);
         self.write(move |c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
@@ -468,27 +519,28 @@ impl ProjectionStore for SqliteProjections {
                 )
                 .map_err(unavailable)?;
             tx.execute_batch(&tables_sql(g)).map_err(unavailable)?;
+            // The old single checkpoint column stays 0 (see the module doc).
             tx.execute(
-                "INSERT INTO generations (gen, checkpoint) VALUES (?1, ?2)",
-                params![g, (start - 1).max(0)],
+                "INSERT INTO generations (gen, checkpoint) VALUES (?1, 0)",
+                params![g],
             )
             .map_err(unavailable)?;
+            // A leftover of a generation with this number that was dropped must not count.
+            tx.execute("DELETE FROM checkpoints WHERE gen = ?1", [g])
+                .map_err(unavailable)?;
+            set_checkpoints(&tx, g, &start)?;
             tx.commit().map_err(unavailable)?;
             Ok(g)
         })
         .await
     }
 
-    async fn apply_to(
-        &self,
-        generation: Generation,
-        events: Vec<Record<DeliveryEvent>>,
-    ) -> Result<(), StoreError> {
+    async fn apply_to(&self, generation: Generation, batch: Batch) -> Result<(), StoreError> {
         self.write(move |c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
-            apply_in_tx(&tx, generation, &events)?;
+            apply_in_tx(&tx, generation, &batch)?;
             tx.commit().map_err(unavailable)
         })
         .await
@@ -497,21 +549,23 @@ impl ProjectionStore for SqliteProjections {
     async fn switch_to(
         &self,
         generation: Generation,
-        tail: Box<
-            dyn Fn(Offset, usize) -> Result<Vec<Record<DeliveryEvent>>, String> + Send + Sync,
-        >,
+        partitions: Vec<Partition>,
+        tail: TailReader,
     ) -> Result<(), StoreError> {
         self.write(move |c| {
             let tx = c
                 .transaction_with_behavior(TransactionBehavior::Immediate)
                 .map_err(unavailable)?;
-            loop {
-                let cp = checkpoint_of(&tx, generation)?;
-                let batch = tail(cp, 5000).map_err(StoreError::Unavailable)?;
-                if batch.is_empty() {
-                    break;
+            let mut checkpoints = checkpoints_of(&tx, generation)?;
+            for part in partitions {
+                loop {
+                    let after = checkpoints.get(&part).copied().unwrap_or(0);
+                    let events = tail(part, after, 5000).map_err(StoreError::Unavailable)?;
+                    if events.is_empty() {
+                        break;
+                    }
+                    checkpoints = apply_in_tx(&tx, generation, &Batch::single(part, events))?;
                 }
-                apply_in_tx(&tx, generation, &batch)?;
             }
             tx.execute("UPDATE current SET gen = ?1 WHERE id = 1", [generation])
                 .map_err(unavailable)?;
@@ -542,10 +596,408 @@ impl ProjectionStore for SqliteProjections {
                 .map_err(unavailable)?;
                 tx.execute("DELETE FROM generations WHERE gen = ?1", [g])
                     .map_err(unavailable)?;
+                tx.execute("DELETE FROM checkpoints WHERE gen = ?1", [g])
+                    .map_err(unavailable)?;
             }
             tx.commit().map_err(unavailable)?;
             Ok(old)
         })
         .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::EventKind;
+    use crate::fold::tests::ev;
+    use crate::log::Record;
+    use proptest::prelude::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rec(offset: Offset, value: DeliveryEvent) -> Record<DeliveryEvent> {
+        Record { offset, value }
+    }
+
+    /// A partition's run: offsets from 1, events of their own dispatch and key per offset.
+    fn run(part: Partition, n: Offset) -> Vec<Record<DeliveryEvent>> {
+        let kinds = [
+            EventKind::Delivered,
+            EventKind::Opened,
+            EventKind::Bounced,
+            EventKind::Clicked,
+        ];
+        (1..=n)
+            .map(|o| {
+                let kind = kinds[(o as usize + part as usize) % kinds.len()];
+                rec(
+                    o,
+                    ev(&format!("p{part}-{o}"), &format!("d{}", o % 3), kind, o),
+                )
+            })
+            .collect()
+    }
+
+    fn events(batch: &[(Partition, std::ops::RangeInclusive<Offset>)]) -> Batch {
+        Batch {
+            parts: batch
+                .iter()
+                .map(|(p, r)| {
+                    let all = run(*p, *r.end());
+                    (*p, all[(*r.start() - 1) as usize..].to_vec())
+                })
+                .collect(),
+        }
+    }
+
+    /// Every row of the current generation, in key order.
+    fn rows(path: &Path) -> Vec<String> {
+        let c = Connection::open(path).unwrap();
+        let g = current_gen(&c).unwrap();
+        let mut out = Vec::new();
+        for (table, cols) in [
+            ("dispatches", "tenant, dispatch_key, state"),
+            ("seen", "tenant, event_key, ''"),
+            ("suppressions", "tenant, email || '/' || reason, state"),
+            ("contacts", "tenant, email, state"),
+        ] {
+            let mut st = c
+                .prepare(&format!("SELECT {cols} FROM {table}_{g} ORDER BY 1, 2"))
+                .unwrap();
+            let found = st
+                .query_map([], |r| {
+                    Ok(format!(
+                        "{table} {} {} {}",
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, String>(2)?
+                    ))
+                })
+                .unwrap();
+            out.extend(found.map(|r| r.unwrap()));
+        }
+        out
+    }
+
+    fn open(dir: &tempfile::TempDir, name: &str) -> (std::path::PathBuf, SqliteProjections) {
+        let path = dir.path().join(name);
+        let store = SqliteProjections::open(&path).unwrap();
+        (path, store)
+    }
+
+    #[tokio::test]
+    async fn a_batch_of_two_partitions_moves_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 0)])
+        );
+        store
+            .apply(events(&[(0, 1..=3), (1, 1..=2)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 3), (1, 2)])
+        );
+        assert_eq!(store.checkpoint().await.unwrap(), 3);
+        let seen: Vec<_> = rows(&path)
+            .into_iter()
+            .filter(|r| r.starts_with("seen"))
+            .collect();
+        assert_eq!(seen.len(), 5, "{seen:?}");
+        let gens = store.generations().await.unwrap();
+        assert_eq!(gens[0].checkpoints, Positions::from([(0, 3), (1, 2)]));
+    }
+
+    #[tokio::test]
+    async fn replaying_an_applied_partition_run_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        store
+            .apply(events(&[(0, 1..=4), (1, 1..=3)]))
+            .await
+            .unwrap();
+        let before = rows(&path);
+        let cps = store.checkpoints().await.unwrap();
+        // Partition 1's run again, whole and in part, and partition 0's from its start.
+        store.apply(events(&[(1, 1..=3)])).await.unwrap();
+        store
+            .apply(events(&[(1, 2..=3), (0, 1..=4), (1, 3..=3)]))
+            .await
+            .unwrap();
+        assert_eq!(rows(&path), before);
+        assert_eq!(store.checkpoints().await.unwrap(), cps);
+        // A run that straddles the checkpoint folds only what is new.
+        store.apply(events(&[(1, 2..=5)])).await.unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 4), (1, 5)])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_gap_in_one_partition_applies_nothing_of_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        store
+            .apply(events(&[(0, 1..=3), (1, 1..=2)]))
+            .await
+            .unwrap();
+        let before = rows(&path);
+        let err = store
+            .apply(events(&[(0, 4..=6), (1, 4..=5), (2, 1..=2)]))
+            .await
+            .unwrap_err();
+        match err {
+            StoreError::Gap {
+                partition,
+                first,
+                checkpoint,
+            } => assert_eq!((partition, first, checkpoint), (1, 4, 2)),
+            e => panic!("{e}"),
+        }
+        assert_eq!(rows(&path), before, "partition 0's run was not folded");
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 3), (1, 2)])
+        );
+        // A partition never seen starts at 0: its run must start at 1.
+        assert!(matches!(
+            store.apply(events(&[(7, 2..=3)])).await,
+            Err(StoreError::Gap {
+                partition: 7,
+                first: 2,
+                checkpoint: 0
+            })
+        ));
+    }
+
+    #[tokio::test]
+    async fn create_generation_starts_each_listed_partition() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, store) = open(&dir, "p.db");
+        let g = store
+            .create_generation(&Positions::from([(0, 1), (1, 5), (2, 0), (3, 10)]))
+            .await
+            .unwrap();
+        assert_eq!(g, 2);
+        let gens = store.generations().await.unwrap();
+        assert_eq!(gens.len(), 2);
+        assert!(gens[0].current && !gens[1].current);
+        assert_eq!(
+            gens[1].checkpoints,
+            Positions::from([(0, 0), (1, 4), (2, 0), (3, 9)])
+        );
+        // Each partition continues from its own start.
+        assert!(matches!(
+            store.apply_to(g, events(&[(3, 1..=11)])).await,
+            Ok(())
+        ));
+        assert!(matches!(
+            store.apply_to(g, events(&[(1, 6..=6)])).await,
+            Err(StoreError::Gap { partition: 1, .. })
+        ));
+        store.apply_to(g, events(&[(1, 5..=6)])).await.unwrap();
+        let gens = store.generations().await.unwrap();
+        assert_eq!(
+            gens[1].checkpoints,
+            Positions::from([(0, 0), (1, 6), (2, 0), (3, 11)])
+        );
+        // The current generation did not move.
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 0)])
+        );
+    }
+
+    #[tokio::test]
+    async fn switch_to_catches_every_partition_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "p.db");
+        let lens = [(0, 9), (1, 4), (2, 12)];
+        let g = store
+            .create_generation(&Positions::from([(0, 1), (1, 1), (2, 1)]))
+            .await
+            .unwrap();
+        store
+            .apply_to(g, events(&[(0, 1..=3), (2, 1..=5)]))
+            .await
+            .unwrap();
+        let logs: BTreeMap<Partition, Vec<Record<DeliveryEvent>>> =
+            lens.iter().map(|(p, n)| (*p, run(*p, *n))).collect();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen_calls = calls.clone();
+        store
+            .switch_to(
+                g,
+                vec![0, 1, 2],
+                Box::new(move |part, after, max| {
+                    seen_calls.lock().unwrap().push((part, after));
+                    Ok(logs[&part]
+                        .iter()
+                        .filter(|r| r.offset > after)
+                        .take(max.min(2))
+                        .cloned()
+                        .collect())
+                }),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from(lens),
+            "current after the switch, every partition caught up"
+        );
+        let calls = calls.lock().unwrap().clone();
+        assert_eq!(calls.first(), Some(&(0, 3)), "from the checkpoint");
+        assert!(calls.contains(&(1, 0)) && calls.contains(&(2, 5)));
+        assert!(calls.contains(&(1, 4)), "until the tail returns nothing");
+        // The same rows as folding the whole logs in one batch.
+        let (other, fresh) = open(&dir, "q.db");
+        fresh
+            .apply(events(&[(0, 1..=9), (1, 1..=4), (2, 1..=12)]))
+            .await
+            .unwrap();
+        assert_eq!(rows(&path), rows(&other));
+    }
+
+    #[tokio::test]
+    async fn a_data_folder_with_one_checkpoint_resumes_from_it_as_partition_0() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        {
+            // The store as it was before checkpoints per partition.
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(&format!(
+                "CREATE TABLE generations (gen INTEGER PRIMARY KEY, checkpoint INTEGER NOT NULL);
+                 CREATE TABLE current (id INTEGER PRIMARY KEY CHECK (id = 1), gen INTEGER NOT NULL);
+                 {} {}
+                 INSERT INTO generations (gen, checkpoint) VALUES (1, 7), (2, 42);
+                 INSERT INTO current (id, gen) VALUES (1, 2);",
+                tables_sql(1),
+                tables_sql(2)
+            ))
+            .unwrap();
+        }
+        let store = SqliteProjections::open(&path).unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 42)])
+        );
+        assert_eq!(store.checkpoint().await.unwrap(), 42);
+        let gens = store.generations().await.unwrap();
+        assert_eq!(gens[0].checkpoints, Positions::from([(0, 7)]));
+        assert!(gens[1].current);
+        // It continues right after, and nowhere else.
+        let next = |o: Offset| {
+            Batch::single(
+                0,
+                vec![rec(o, ev(&format!("k{o}"), "a", EventKind::Opened, o))],
+            )
+        };
+        assert!(matches!(
+            store.apply(next(44)).await,
+            Err(StoreError::Gap {
+                partition: 0,
+                first: 44,
+                checkpoint: 42
+            })
+        ));
+        store.apply(next(43)).await.unwrap();
+        drop(store);
+        // Opening again carries nothing over a second time.
+        let store = SqliteProjections::open(&path).unwrap();
+        assert_eq!(
+            store.checkpoints().await.unwrap(),
+            Positions::from([(0, 43)])
+        );
+        assert_eq!(
+            store.generations().await.unwrap()[0].checkpoints,
+            Positions::from([(0, 7)])
+        );
+    }
+
+    /// Events over 3 partitions, every copy of an event key in one partition (as the log must
+    /// key them), with ESP retries and a key reused on another dispatch.
+    fn partitioned(
+        spec: &[(u8, u8, usize, i64)],
+    ) -> BTreeMap<Partition, Vec<Record<DeliveryEvent>>> {
+        let mut logs: BTreeMap<Partition, Vec<Record<DeliveryEvent>>> = BTreeMap::new();
+        for (key, dispatch, kind, at) in spec {
+            let part = Partition::from(key % 3);
+            let log = logs.entry(part).or_default();
+            let mut e = ev(
+                &format!("k{key}"),
+                &format!("d{dispatch}"),
+                EventKind::ALL[*kind],
+                *at,
+            );
+            if e.kind == EventKind::Bounced {
+                e.reason = Some(format!("r{at}"));
+            }
+            log.push(rec(log.len() as Offset + 1, e));
+        }
+        logs
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+        /// Random interleavings of per-partition chunks, several to a batch, with random
+        /// re-deliveries from before the checkpoint, give the rows of one sequential apply.
+        #[test]
+        fn interleaved_partitions_give_the_rows_of_a_sequential_apply(
+            spec in proptest::collection::vec(
+                (0u8..24, 0u8..4, 0usize..EventKind::ALL.len(), 0i64..40), 1..50),
+            seed in any::<u64>(),
+        ) {
+            let logs = partitioned(&spec);
+            let dir = tempfile::tempdir().unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            let (seq_path, sequential) = open(&dir, "seq.db");
+            let (mixed_path, mixed) = open(&dir, "mixed.db");
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let ends: Positions = logs.iter().map(|(p, l)| (*p, l.len() as Offset)).collect();
+            rt.block_on(async {
+                sequential
+                    .apply(Batch { parts: logs.iter().map(|(p, l)| (*p, l.clone())).collect() })
+                    .await
+                    .unwrap();
+                let mut applied = 0;
+                loop {
+                    let cps = mixed.checkpoints().await.unwrap();
+                    let open: Vec<Partition> = logs
+                        .keys()
+                        .copied()
+                        .filter(|p| cps.get(p).copied().unwrap_or(0) < ends[p])
+                        .collect();
+                    if open.is_empty() {
+                        break;
+                    }
+                    let mut batch = Batch::default();
+                    let mut planned = cps.clone();
+                    for _ in 0..rng.gen_range(1..=3) {
+                        let part = open[rng.gen_range(0..open.len())];
+                        let cp = planned.get(&part).copied().unwrap_or(0);
+                        // Sometimes a re-delivery from before the checkpoint.
+                        let from = if rng.gen_bool(0.3) { rng.gen_range(0..=cp) } else { cp };
+                        let to = (from + rng.gen_range(1..=4)).min(ends[&part]);
+                        let chunk = logs[&part][from as usize..to as usize].to_vec();
+                        planned.insert(part, to.max(cp));
+                        batch.parts.push((part, chunk));
+                    }
+                    mixed.apply(batch).await.unwrap();
+                    applied += 1;
+                    assert!(applied < 10_000);
+                }
+                assert_eq!(mixed.checkpoints().await.unwrap(), {
+                    let mut e = ends.clone();
+                    e.insert(0, ends.get(&0).copied().unwrap_or(0));
+                    e
+                });
+            });
+            prop_assert_eq!(rows(&mixed_path), rows(&seq_path));
+        }
     }
 }

@@ -5,10 +5,11 @@
 use std::sync::Arc;
 
 use crate::log::EventLog;
-use crate::projection::{ProjectionStore, StoreError};
+use crate::projection::{Batch, ProjectionStore, StoreError};
 use crate::shutdown::Shutdown;
 
-/// One step: returns how many events were read (0 = caught up).
+/// One step: returns how many events were read (0 = caught up). The embedded log is a single
+/// sequence: log partition 0 of the store's checkpoints.
 pub async fn step(
     log: &dyn EventLog,
     store: &dyn ProjectionStore,
@@ -34,7 +35,7 @@ pub async fn step(
                 span
             })
             .collect();
-        let result = store.apply(events).await;
+        let result = store.apply(Batch::single(0, events)).await;
         drop(spans);
         match result {
             // A rebuild switched generations between our read and write: read again.
