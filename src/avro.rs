@@ -139,6 +139,24 @@ pub fn decode_envelope(b: &[u8]) -> Result<RawEnvelope, AvroError> {
     binary::read_envelope(envelopes().datum(b)?)
 }
 
+/// The bare Avro binary datum of `e` (no single-object header): what Kafka records carry, the
+/// schema being named by a header or the Confluent framing instead.
+pub fn event_datum_into(out: &mut Vec<u8>, e: &DeliveryEvent) {
+    binary::write_event(out, e);
+}
+
+pub fn event_from_datum(b: &[u8]) -> Result<DeliveryEvent, AvroError> {
+    binary::read_event(b)
+}
+
+pub fn envelope_datum_into(out: &mut Vec<u8>, e: &RawEnvelope) {
+    binary::write_envelope(out, e);
+}
+
+pub fn envelope_from_datum(b: &[u8]) -> Result<RawEnvelope, AvroError> {
+    binary::read_envelope(b)
+}
+
 /// Avro binary encoding of exactly `schemas/delivery_event.avsc` and `schemas/raw_envelope.avsc`
 /// (field order, union branch order `["null", T]`, enum symbol order), per the Avro 1.11 spec:
 /// `long`/`int` are zig-zag varints, `string`/`bytes` a long length then the bytes, a union its

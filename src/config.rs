@@ -57,6 +57,73 @@ pub struct ServeConfig {
     /// Replication map `migrate` creates the keyspace with, e.g.
     /// `{'class': 'NetworkTopologyStrategy', 'dc1': 3}` in production.
     pub cql_replication: String,
+    /// Where the logs (envelopes, events, dead letters) live: `"sqlite"` (embedded, `log.db` in
+    /// the data folder) or `"kafka"` (topics of `kafka_topology` on `kafka_brokers`; run
+    /// `xsender-events topology apply` first).
+    pub log: LogKind,
+    /// Which stages this process runs: `all` (default), or one of `ingress`, `normalizer`,
+    /// `projector` to scale them apart (Kafka log and CQL projections only: the stages then
+    /// share nothing but the cluster).
+    pub role: Role,
+    /// Kafka bootstrap brokers (`host:port`), with `log = "kafka"`.
+    pub kafka_brokers: Vec<String>,
+    /// Topology file (see `topology/`); the built-in `topology/topics.toml` when unset. Use
+    /// `topology/local.toml` on a single broker.
+    pub kafka_topology: Option<PathBuf>,
+    /// Prefix of every topic and consumer group name (several environments on one cluster).
+    pub kafka_namespace: String,
+    /// Extra librdkafka client properties (`security.protocol`, `sasl.*`, `client.rack`, …).
+    pub kafka_properties: std::collections::BTreeMap<String, String>,
+    /// Confluent-compatible schema registry: when set, the schemas are registered there and
+    /// records use the Confluent wire format (magic byte + schema id) besides the fingerprint
+    /// header.
+    pub schema_registry_url: Option<String>,
+}
+
+/// Which log backend `serve` and `rebuild` use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogKind {
+    /// SQLite `log.db` in the data folder (the default).
+    #[default]
+    Sqlite,
+    /// Apache Kafka topics.
+    Kafka,
+}
+
+/// The stages one `serve` process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Ingress, normalizer and projector.
+    #[default]
+    All,
+    /// Webhooks, read API and admin API: verifies and appends envelopes.
+    Ingress,
+    /// Envelopes → events and dead letters.
+    Normalizer,
+    /// Events → projections.
+    Projector,
+}
+
+impl Role {
+    pub fn runs_ingress(self) -> bool {
+        matches!(self, Role::All | Role::Ingress)
+    }
+    pub fn runs_normalizer(self) -> bool {
+        matches!(self, Role::All | Role::Normalizer)
+    }
+    pub fn runs_projector(self) -> bool {
+        matches!(self, Role::All | Role::Projector)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::All => "all",
+            Role::Ingress => "ingress",
+            Role::Normalizer => "normalizer",
+            Role::Projector => "projector",
+        }
+    }
 }
 
 /// Which projection store `serve` and `rebuild` use.
@@ -91,6 +158,13 @@ impl Default for ServeConfig {
             cql_nodes: vec!["127.0.0.1:9042".to_string()],
             cql_keyspace: "xsender".to_string(),
             cql_replication: "{'class': 'SimpleStrategy', 'replication_factor': 1}".to_string(),
+            log: LogKind::Sqlite,
+            role: Role::All,
+            kafka_brokers: vec!["127.0.0.1:9092".to_string()],
+            kafka_topology: None,
+            kafka_namespace: String::new(),
+            kafka_properties: Default::default(),
+            schema_registry_url: None,
         }
     }
 }
@@ -135,6 +209,29 @@ impl ServeConfig {
                 return bad("admin_token must be at least 16 characters");
             }
         }
+        if self.role != Role::All {
+            if self.log != LogKind::Kafka || self.projection_store != ProjectionStoreKind::Cql {
+                return bad(&format!(
+                    "role = \"{}\" needs log = \"kafka\" and projection_store = \"cql\" (separate processes share only the cluster); on the embedded default run role = \"all\"",
+                    self.role.as_str()
+                ));
+            }
+        }
+        if self.log == LogKind::Kafka {
+            if self.kafka_brokers.is_empty()
+                || self.kafka_brokers.iter().any(|b| b.trim().is_empty())
+            {
+                return bad("kafka_brokers must list at least one host:port");
+            }
+            if let Some(url) = &self.schema_registry_url {
+                if url::Url::parse(url)
+                    .map(|u| !u.scheme().starts_with("http"))
+                    .unwrap_or(true)
+                {
+                    return bad("schema_registry_url must be an http(s) URL");
+                }
+            }
+        }
         if self.projection_store == ProjectionStoreKind::Cql {
             self.cql_settings()
                 .validate()
@@ -149,6 +246,24 @@ impl ServeConfig {
             keyspace: self.cql_keyspace.clone(),
             replication: self.cql_replication.clone(),
         }
+    }
+
+    /// The Kafka topology (namespaced) and client settings, with `log = "kafka"`.
+    pub fn kafka_settings(
+        &self,
+    ) -> Result<crate::log::kafka::KafkaSettings, crate::log::kafka::topology::TopologyError> {
+        use crate::log::kafka::Topology;
+        let topology = match &self.kafka_topology {
+            Some(p) => Topology::load(p)?,
+            None => Topology::built_in(),
+        };
+        Ok(crate::log::kafka::KafkaSettings {
+            brokers: self.kafka_brokers.join(","),
+            topology: topology.namespaced(&self.kafka_namespace),
+            properties: self.kafka_properties.clone(),
+            produce_timeout: std::time::Duration::from_millis(self.append_timeout_ms),
+            schema_registry_url: self.schema_registry_url.clone(),
+        })
     }
 
     /// The tenants file to read: the configured one, else `./tenants.toml` if present.
@@ -178,5 +293,38 @@ mod tests {
         let e = toml::from_str::<ServeConfig>("projection_store = \"mongo\"").unwrap_err();
         assert!(e.to_string().contains("sqlite"), "{e}");
         assert!(toml::from_str::<ServeConfig>("cql_node = []").is_err());
+    }
+
+    #[test]
+    fn roles_need_the_cluster_backends() {
+        let mut c = ServeConfig {
+            role: Role::Projector,
+            ..ServeConfig::default()
+        };
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("log = \"kafka\"") && e.contains("projector"),
+            "{e}"
+        );
+        c.log = LogKind::Kafka;
+        c.projection_store = ProjectionStoreKind::Cql;
+        c.validate().unwrap();
+        c.kafka_brokers.clear();
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("kafka_brokers"));
+        let t: ServeConfig = toml::from_str(
+            "log = \"kafka\"\nkafka_brokers = [\"k1:9092\"]\nkafka_namespace = \"stg.\"\n[kafka_properties]\n\"security.protocol\" = \"SSL\"",
+        )
+        .unwrap();
+        let k = t.kafka_settings().unwrap();
+        assert_eq!(k.brokers, "k1:9092");
+        assert_eq!(
+            k.topology.topics.events.name,
+            "stg.xsender.delivery-events.v1"
+        );
+        assert_eq!(k.client_config().get("security.protocol"), Some("SSL"));
     }
 }

@@ -82,6 +82,32 @@ async fn sigkill_under_load_with_cql_projections_counts_each_event_once() {
     .await
 }
 
+/// The cluster backend: the kill lands between a delivery report and the 2xx, inside a
+/// normalizer batch whose events are half produced, inside a projector batch half written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_under_load_on_kafka_counts_each_event_once() {
+    let keyspace = common::fresh_cql_keyspace().await;
+    let node = common::cql_node();
+    let broker = common::kafka_broker();
+    let namespace = common::fresh_kafka_namespace(&broker).await;
+    let topology = common::local_topology();
+    sigkill_under_load(&[
+        "--kafka-brokers",
+        &broker,
+        "--kafka-topology",
+        topology.to_str().unwrap(),
+        "--kafka-namespace",
+        &namespace,
+        "--projections",
+        "cql",
+        "--cql-nodes",
+        &node,
+        "--cql-keyspace",
+        &keyspace,
+    ])
+    .await
+}
+
 async fn sigkill_under_load(store_args: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
     let signer = Arc::new(SendGridSigner::random());

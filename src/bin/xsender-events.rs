@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use xsender_events::app::{self, RebuildFrom};
-use xsender_events::config::{ProjectionStoreKind, ServeConfig};
+use xsender_events::config::{LogKind, ProjectionStoreKind, Role, ServeConfig};
 use xsender_events::secret::Secret;
 
 #[derive(Parser)]
@@ -31,6 +31,9 @@ enum Command {
     Rebuild(RebuildArgs),
     /// Create or upgrade the CQL projection schema (keyspace, tables) from schemas/cql/.
     Migrate(MigrateArgs),
+    /// The Kafka topics (topology/*.toml): `apply` creates what is missing and repairs topic
+    /// configs; `check` only reports drift.
+    Topology(TopologyArgs),
     /// Validate a tenants file and print what it configures (no secrets).
     CheckTenants {
         /// The TOML file to check.
@@ -67,8 +70,74 @@ struct ServeArgs {
     /// On SIGTERM, seconds in-flight requests get to finish [default: 20].
     #[arg(long, env = "XSENDER_SHUTDOWN_GRACE_SECS")]
     shutdown_grace_secs: Option<u64>,
+    /// Stages this process runs: all (default), ingress, normalizer or projector (the last
+    /// three need --log kafka and --projections cql).
+    #[arg(long, env = "XSENDER_ROLE", value_enum)]
+    role: Option<Role>,
     #[command(flatten)]
     store: StoreArgs,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+/// Which log; override `log` and `kafka_*` of the config file.
+#[derive(Args)]
+struct LogArgs {
+    /// Log backend: sqlite (embedded, default) or kafka.
+    #[arg(long, env = "XSENDER_LOG", value_enum)]
+    log: Option<LogKind>,
+    /// Kafka bootstrap brokers, comma separated (implies --log kafka) [default: 127.0.0.1:9092].
+    #[arg(long, env = "XSENDER_KAFKA_BROKERS", value_delimiter = ',')]
+    kafka_brokers: Option<Vec<String>>,
+    /// Topology file [default: the built-in topology/topics.toml; topology/local.toml for one broker].
+    #[arg(long, env = "XSENDER_KAFKA_TOPOLOGY")]
+    kafka_topology: Option<PathBuf>,
+    /// Prefix of every topic and consumer group name.
+    #[arg(long, env = "XSENDER_KAFKA_NAMESPACE")]
+    kafka_namespace: Option<String>,
+    /// Confluent-compatible schema registry URL (records then use the Confluent wire format).
+    #[arg(long, env = "XSENDER_SCHEMA_REGISTRY_URL")]
+    schema_registry_url: Option<String>,
+}
+
+impl LogArgs {
+    fn apply(self, cfg: &mut ServeConfig) {
+        if let Some(v) = self.kafka_brokers {
+            cfg.kafka_brokers = v;
+            cfg.log = LogKind::Kafka;
+        }
+        if let Some(v) = self.log {
+            cfg.log = v;
+        }
+        if let Some(v) = self.kafka_topology {
+            cfg.kafka_topology = Some(v);
+        }
+        if let Some(v) = self.kafka_namespace {
+            cfg.kafka_namespace = v;
+        }
+        if let Some(v) = self.schema_registry_url {
+            cfg.schema_registry_url = Some(v);
+        }
+    }
+}
+
+#[derive(Args)]
+struct TopologyArgs {
+    #[command(subcommand)]
+    action: TopologyAction,
+    /// TOML file with `kafka_*` settings; flags and env override it.
+    #[arg(long, env = "XSENDER_CONFIG", global = true)]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
+#[derive(Subcommand, Clone, Copy, PartialEq)]
+enum TopologyAction {
+    /// Create missing topics, reset drifted topic configs, report what is left.
+    Apply,
+    /// Report drift only (exit 1 when there is any).
+    Check,
 }
 
 /// Which projection store; override `projection_store` and `cql_*` of the config file.
@@ -132,9 +201,12 @@ struct RebuildArgs {
     data_dir: Option<PathBuf>,
     #[command(flatten)]
     store: StoreArgs,
-    /// Replay from this event offset instead of the start.
+    #[command(flatten)]
+    log: LogArgs,
+    /// Replay from this event offset instead of the start; on Kafka one per partition:
+    /// `0:1200,1:1187` (partitions not listed start at their beginning).
     #[arg(long, conflicts_with = "from_time")]
-    from_offset: Option<i64>,
+    from_offset: Option<String>,
     /// Replay from the first event logged at or after this time (RFC 3339 or Unix seconds).
     #[arg(long)]
     from_time: Option<String>,
@@ -146,6 +218,10 @@ struct RebuildArgs {
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut cfg = load_config(&args.config)?;
     args.store.apply(&mut cfg);
+    args.log.apply(&mut cfg);
+    if let Some(v) = args.role {
+        cfg.role = v;
+    }
     if let Some(v) = args.data_dir {
         cfg.data_dir = v;
     }
@@ -193,9 +269,30 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// `N`, or `partition:offset` pairs separated by commas.
+fn parse_from_offset(s: &str) -> anyhow::Result<RebuildFrom> {
+    if let Ok(o) = s.trim().parse::<i64>() {
+        return Ok(RebuildFrom::Offset(o));
+    }
+    let mut m = std::collections::BTreeMap::new();
+    for pair in s.split(',') {
+        let parsed = pair
+            .split_once(':')
+            .and_then(|(p, o)| Some((p.trim().parse::<i32>().ok()?, o.trim().parse::<i64>().ok()?)))
+            .filter(|(p, o)| *p >= 0 && *o >= 0);
+        let Some((p, o)) = parsed else {
+            anyhow::bail!("--from-offset {s:?}: give N, or partition:offset pairs like 0:1200,1:1187 ({pair:?} is neither)");
+        };
+        if m.insert(p, o).is_some() {
+            anyhow::bail!("--from-offset {s:?}: partition {p} is given twice");
+        }
+    }
+    Ok(RebuildFrom::Offsets(m))
+}
+
 async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     let from = match (args.from_offset, args.from_time) {
-        (Some(o), _) => RebuildFrom::Offset(o),
+        (Some(o), _) => parse_from_offset(&o)?,
         (None, Some(t)) => RebuildFrom::Time(
             xsender_events::ingress::http::parse_time(&t).map_err(anyhow::Error::msg)?,
         ),
@@ -203,20 +300,19 @@ async fn rebuild(args: RebuildArgs) -> anyhow::Result<()> {
     };
     let mut cfg = load_config(&args.config)?;
     args.store.apply(&mut cfg);
+    args.log.apply(&mut cfg);
     if let Some(v) = args.data_dir {
         cfg.data_dir = v;
     }
-    if !cfg.data_dir.join("log.db").exists() {
-        anyhow::bail!(
-            "no event log at {}: pass --data-dir of a folder `serve` has used",
-            cfg.data_dir.join("log.db").display()
-        );
-    }
     let r = app::rebuild(&cfg, from, args.drop_old, true).await?;
     eprintln!(
-        "rebuilt generation {} from offset {}: {} events in {:.2?}{}",
+        "rebuilt generation {} from {}: {} events in {:.2?}{}",
         r.generation,
-        r.start,
+        r.start
+            .iter()
+            .map(|(p, o)| format!("{p}:{o}"))
+            .collect::<Vec<_>>()
+            .join(","),
         r.events,
         r.elapsed,
         if r.dropped.is_empty() {
@@ -242,6 +338,55 @@ async fn migrate(args: MigrateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+async fn topology(args: TopologyArgs) -> anyhow::Result<ExitCode> {
+    use xsender_events::log::kafka::topology::Admin;
+    let mut cfg = load_config(&args.config)?;
+    args.log.apply(&mut cfg);
+    let settings = cfg.kafka_settings()?;
+    let admin = Admin::connect(
+        &settings.client_config(),
+        std::time::Duration::from_secs(15),
+    )?;
+    let t = &settings.topology;
+    eprintln!(
+        "topology: replication {} (min in-sync {}), brokers {}",
+        t.replication_factor, t.min_insync_replicas, settings.brokers
+    );
+    for spec in t.all() {
+        eprintln!(
+            "  {} — {} partitions, key: {}; written by {}, read by {}",
+            spec.name,
+            spec.partitions,
+            spec.key,
+            spec.written_by,
+            spec.read_by.join(", ")
+        );
+    }
+    eprintln!(
+        "  groups: normalizer {}, projector {}",
+        t.groups.normalizer, t.groups.projector
+    );
+    let left = match args.action {
+        TopologyAction::Check => admin.drift(t).await?,
+        TopologyAction::Apply => {
+            let r = admin.apply(t, |step| eprintln!("  {step}")).await?;
+            if r.created.is_empty() && r.reconfigured.is_empty() {
+                eprintln!("nothing to create or reconfigure");
+            }
+            r.left
+        }
+    };
+    for d in &left {
+        eprintln!("drift: {d}");
+    }
+    Ok(if left.is_empty() {
+        eprintln!("the cluster matches the topology");
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn check_tenants(file: PathBuf) -> anyhow::Result<()> {
@@ -272,14 +417,15 @@ fn main() -> ExitCode {
         .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.command {
-            Command::Serve(a) => serve(a).await,
-            Command::Rebuild(a) => rebuild(a).await,
-            Command::Migrate(a) => migrate(a).await,
-            Command::CheckTenants { file } => check_tenants(file),
+            Command::Serve(a) => serve(a).await.map(|_| ExitCode::SUCCESS),
+            Command::Rebuild(a) => rebuild(a).await.map(|_| ExitCode::SUCCESS),
+            Command::Migrate(a) => migrate(a).await.map(|_| ExitCode::SUCCESS),
+            Command::Topology(a) => topology(a).await,
+            Command::CheckTenants { file } => check_tenants(file).map(|_| ExitCode::SUCCESS),
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)

@@ -26,7 +26,7 @@ use hyper::{Method, Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use crate::log::{DeadLetterLog, EnvelopeLog, EventLog, NormalizerLog};
+use crate::log::{DeadLetterLog, EnvelopeLog, EventSearch, LagProbe};
 use crate::projection::ProjectionStore;
 use crate::providers::{Provider, ReplayGuard};
 use crate::secret::Secret;
@@ -39,9 +39,10 @@ pub struct AppState {
     pub providers: HashMap<&'static str, Arc<dyn Provider>>,
     pub tenants: Arc<TenantDirectory>,
     pub envelopes: Arc<dyn EnvelopeLog>,
-    /// The normalizer's view of the raw log, for lag metrics.
-    pub normalizer_log: Arc<dyn NormalizerLog>,
-    pub events: Arc<dyn EventLog>,
+    /// Lags of the stages, for `/metrics`.
+    pub lag: Arc<dyn LagProbe>,
+    /// `GET /api/v1/events`.
+    pub events: Arc<dyn EventSearch>,
     pub dead_letters: Arc<dyn DeadLetterLog>,
     pub projections: Arc<dyn ProjectionStore>,
     /// The providers' shared replay guard, to give back tokens of requests not accepted.
@@ -54,6 +55,9 @@ pub struct AppState {
     pub metrics: Arc<crate::telemetry::Metrics>,
     /// False until the stages run, and again from the moment shutdown starts.
     pub ready: AtomicBool,
+    /// The stages this process runs: webhooks and the APIs are served by ingress only (the
+    /// other roles answer probes and `/metrics`).
+    pub role: crate::config::Role,
 }
 
 /// The client a request is rate limited as: the peer, or, behind a trusted proxy, the
@@ -79,6 +83,12 @@ pub async fn handle(state: Arc<AppState>, peer: SocketAddr, req: Request<Incomin
     let path = req.uri().path().to_string();
     let segs = http::segments(&path);
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
+    if !state.role.runs_ingress() && matches!(segs.first(), Some(&"api")) {
+        return http::not_found(format!(
+            "this process runs the {} role: webhooks and the APIs are served by the ingress role",
+            state.role.as_str()
+        ));
+    }
     match segs.as_slice() {
         ["api", "webhook", "email", provider] => webhook::handle(&state, provider, None, req).await,
         ["api", "webhook", "email", provider, tenant] => webhook::handle(&state, provider, Some(tenant), req).await,
@@ -115,26 +125,13 @@ async fn metrics(state: &AppState) -> Resp {
             .map(|t| (now - t).max(0) as f64 / 1000.0)
             .unwrap_or(0.0)
     };
-    let nl = &state.normalizer_log;
-    if let (Ok(head), Ok(cp)) = (nl.envelope_head().await, nl.normalizer_checkpoint().await) {
-        let oldest = nl
-            .read_envelopes(cp, 1)
-            .await
-            .ok()
-            .and_then(|r| r.first().map(|r| r.value.received_at_ms));
-        m.set_lag("normalizer", head - cp, age(oldest));
+    if let Ok(l) = state.lag.normalizer().await {
+        m.set_lag("normalizer", l.records, age(l.oldest_received_at_ms));
     }
-    if let (Ok(head), Ok(cp)) = (
-        state.events.head().await,
-        state.projections.checkpoint().await,
-    ) {
-        let oldest = state
-            .events
-            .read_events(cp, 1)
-            .await
-            .ok()
-            .and_then(|r| r.first().map(|r| r.value.received_at_ms));
-        m.set_lag("projector", head - cp, age(oldest));
+    if let Ok(l) = state.lag.projector().await {
+        m.set_lag("projector", l.records, age(l.oldest_received_at_ms));
+    }
+    if let Ok(head) = state.lag.events_written().await {
         m.events_log_head.set(head);
     }
     if let Ok(gens) = state.projections.generations().await {

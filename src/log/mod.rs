@@ -2,6 +2,7 @@
 //! and analytics) and dead letters. Backends implement the traits here; the embedded one is
 //! [`sqlite`].
 
+pub mod kafka;
 pub mod sqlite;
 
 use async_trait::async_trait;
@@ -81,9 +82,33 @@ pub trait EventLog: Send + Sync {
     async fn head(&self) -> Result<Offset, LogError>;
     /// The first offset at or after a time (ms), for `rebuild --from-time`.
     async fn offset_at(&self, time_ms: i64) -> Result<Offset, LogError>;
-    async fn query_events(&self, q: EventQuery) -> Result<Vec<Record<DeliveryEvent>>, LogError>;
     /// Resolves when new events may be there (or after a poll interval).
     async fn events_appended(&self);
+}
+
+/// `GET /api/v1/events`: an index on the embedded log, a bounded scan on Kafka.
+#[async_trait]
+pub trait EventSearch: Send + Sync {
+    async fn query_events(&self, q: EventQuery) -> Result<Vec<Record<DeliveryEvent>>, LogError>;
+}
+
+/// How far behind a stage is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StageLag {
+    /// Records written but not yet processed by the stage.
+    pub records: i64,
+    /// Receive time of the oldest of them, when known.
+    pub oldest_received_at_ms: Option<i64>,
+}
+
+/// Lags of the normalizer and the projector, and the events log's head, for `/metrics` and
+/// [`crate::app::Running::lag`].
+#[async_trait]
+pub trait LagProbe: Send + Sync {
+    async fn normalizer(&self) -> Result<StageLag, LogError>;
+    async fn projector(&self) -> Result<StageLag, LogError>;
+    /// Records in the events log (all partitions).
+    async fn events_written(&self) -> Result<i64, LogError>;
 }
 
 #[async_trait]

@@ -13,8 +13,8 @@ use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use super::{
-    DeadLetterLog, EnvelopeLog, EventLog, EventQuery, LogError, NormalizedBatch, NormalizerLog,
-    Offset, Record,
+    DeadLetterLog, EnvelopeLog, EventLog, EventQuery, EventSearch, LogError, NormalizedBatch,
+    NormalizerLog, Offset, Record,
 };
 use crate::avro;
 use crate::event::{DeadLetter, DeliveryEvent, RawEnvelope};
@@ -457,6 +457,13 @@ impl EventLog for Arc<SqliteLog> {
         .await
     }
 
+    async fn events_appended(&self) {
+        wait_or_poll(&self.events_appended).await
+    }
+}
+
+#[async_trait]
+impl EventSearch for Arc<SqliteLog> {
     async fn query_events(&self, q: EventQuery) -> Result<Vec<Record<DeliveryEvent>>, LogError> {
         self.read(move |c| {
             let rows = seq_blob_rows(
@@ -481,10 +488,6 @@ impl EventLog for Arc<SqliteLog> {
             decode_rows(rows, avro::decode_event)
         })
         .await
-    }
-
-    async fn events_appended(&self) {
-        wait_or_poll(&self.events_appended).await
     }
 }
 

@@ -1,6 +1,7 @@
 //! The two consuming stages of the pipeline. Each reads from its own checkpoint, so it can be
 //! stopped at any point and resumes exactly.
 
+pub mod kafka;
 pub mod normalizer;
 pub mod projector;
 

@@ -24,7 +24,7 @@ impl Normalizer {
 
     /// Tallies what a batch produced; applied with [`Normalizer::count`] only after the commit,
     /// so a batch retried after a failed commit is not counted twice.
-    fn tally(
+    pub(crate) fn tally(
         batch: &NormalizedBatch,
     ) -> (HashMap<EventLabels, u64>, HashMap<DeadLetterLabels, u64>) {
         let mut events = HashMap::new();
@@ -46,7 +46,10 @@ impl Normalizer {
         (events, dead)
     }
 
-    fn count(&self, (events, dead): (HashMap<EventLabels, u64>, HashMap<DeadLetterLabels, u64>)) {
+    pub(crate) fn count(
+        &self,
+        (events, dead): (HashMap<EventLabels, u64>, HashMap<DeadLetterLabels, u64>),
+    ) {
         for (l, n) in events {
             self.metrics.events.get_or_create(&l).inc_by(n);
         }

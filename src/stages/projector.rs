@@ -4,7 +4,8 @@
 
 use std::sync::Arc;
 
-use crate::log::EventLog;
+use crate::event::DeliveryEvent;
+use crate::log::{EventLog, Record};
 use crate::projection::{Batch, ProjectionStore, StoreError};
 use crate::shutdown::Shutdown;
 
@@ -19,22 +20,7 @@ pub async fn step(
     let events = log.read_events(cp, batch_size).await?;
     let n = events.len();
     if n > 0 {
-        // One span per traced request in the batch, each a child of the normalize span that
-        // produced its events, covering the transaction that folded them.
-        let mut traced: std::collections::BTreeMap<&str, usize> = Default::default();
-        for e in &events {
-            if let Some(tp) = e.value.trace_parent.as_deref() {
-                *traced.entry(tp).or_default() += 1;
-            }
-        }
-        let spans: Vec<tracing::Span> = traced
-            .into_iter()
-            .map(|(tp, count)| {
-                let span = tracing::info_span!("project", events = count, batch = n);
-                crate::telemetry::set_parent(&span, Some(tp));
-                span
-            })
-            .collect();
+        let spans = spans(events.iter(), n);
         let result = store.apply(Batch::single(0, events)).await;
         drop(spans);
         match result {
@@ -44,6 +30,28 @@ pub async fn step(
         }
     }
     Ok(n)
+}
+
+/// One span per traced request in a batch, each a child of the normalize span that produced
+/// its events, covering the write that folds them (drop them when it is done).
+pub(crate) fn spans<'a>(
+    events: impl Iterator<Item = &'a Record<DeliveryEvent>>,
+    batch: usize,
+) -> Vec<tracing::Span> {
+    let mut traced: std::collections::BTreeMap<&str, usize> = Default::default();
+    for e in events {
+        if let Some(tp) = e.value.trace_parent.as_deref() {
+            *traced.entry(tp).or_default() += 1;
+        }
+    }
+    traced
+        .into_iter()
+        .map(|(tp, count)| {
+            let span = tracing::info_span!("project", events = count, batch);
+            crate::telemetry::set_parent(&span, Some(tp));
+            span
+        })
+        .collect()
 }
 
 pub async fn run(

@@ -13,13 +13,14 @@ use p256::ecdsa::{Signature, SigningKey};
 use p256::pkcs8::EncodePublicKey;
 use serde_json::Value;
 use xsender_events::app::{self, Running};
-use xsender_events::config::{ProjectionStoreKind, ServeConfig};
+use xsender_events::config::{LogKind, ProjectionStoreKind, ServeConfig};
 use xsender_events::projection::cql::{self, CqlError, CqlSettings};
 use xsender_events::secret::Secret;
 
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
 
 /// A tenant's SendGrid signing identity, as SendGrid holds it.
+#[derive(Clone)]
 pub struct SendGridSigner {
     key: SigningKey,
 }
@@ -201,6 +202,38 @@ impl Harness {
         Self::start_with(
             tenants,
             move |c| {
+                c.projection_store = ProjectionStoreKind::Cql;
+                c.cql_nodes = vec![cql_node()];
+                c.cql_keyspace = keyspace;
+            },
+            tweak,
+        )
+        .await
+    }
+
+    /// The cluster backend: the log on Kafka (topics of `topology/local.toml` under a namespace
+    /// no other test uses, on the broker named by `XSENDER_TEST_KAFKA`, default 127.0.0.1:9092)
+    /// and projections in a fresh CQL keyspace.
+    pub async fn kafka_with(
+        tenants: Vec<TenantSpec>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
+        Self::kafka_on(&kafka_broker(), tenants, tweak).await
+    }
+
+    /// [`Harness::kafka_with`] on the broker at `broker`.
+    pub async fn kafka_on(
+        broker: &str,
+        tenants: Vec<TenantSpec>,
+        tweak: impl FnOnce(&mut ServeConfig),
+    ) -> Harness {
+        let keyspace = fresh_cql_keyspace().await;
+        let namespace = fresh_kafka_namespace(broker).await;
+        let broker = broker.to_string();
+        Self::start_with(
+            tenants,
+            move |c| {
+                kafka_config(c, &broker, &namespace);
                 c.projection_store = ProjectionStoreKind::Cql;
                 c.cql_nodes = vec![cql_node()];
                 c.cql_keyspace = keyspace;
@@ -392,9 +425,17 @@ impl Harness {
 
     /// Envelopes in the raw log (to prove a rejection wrote nothing).
     pub fn envelope_count(&self) -> i64 {
-        let c = rusqlite::Connection::open(self.data_dir().join("log.db")).unwrap();
-        c.query_row("SELECT COUNT(*) FROM envelopes", [], |r| r.get(0))
-            .unwrap()
+        match self.config.log {
+            LogKind::Sqlite => {
+                let c = rusqlite::Connection::open(self.data_dir().join("log.db")).unwrap();
+                c.query_row("SELECT COUNT(*) FROM envelopes", [], |r| r.get(0))
+                    .unwrap()
+            }
+            LogKind::Kafka => {
+                let s = self.config.kafka_settings().unwrap();
+                topic_records(&s, &s.topology.topics.envelopes.name)
+            }
+        }
     }
 
     /// Waits until the normalizer and projector have caught up with the log.
@@ -404,6 +445,143 @@ impl Harness {
             running.lag().await.unwrap().is_zero()
         })
         .await;
+    }
+}
+
+/// Records in a Kafka topic (sum of its partitions' high watermarks).
+pub fn topic_records(s: &xsender_events::log::kafka::KafkaSettings, topic: &str) -> i64 {
+    let c = s.reader().unwrap();
+    xsender_events::log::kafka::watermarks(&c, topic, Duration::from_secs(10))
+        .unwrap()
+        .values()
+        .map(|(low, high)| high - low)
+        .sum()
+}
+
+/// The Kafka broker the tests use.
+pub fn kafka_broker() -> String {
+    std::env::var("XSENDER_TEST_KAFKA").unwrap_or_else(|_| "127.0.0.1:9092".to_string())
+}
+
+/// The single-broker topology file.
+pub fn local_topology() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("topology")
+        .join("local.toml")
+}
+
+/// Points `c` at `broker` with the single-broker topology under `namespace`.
+pub fn kafka_config(c: &mut ServeConfig, broker: &str, namespace: &str) {
+    c.log = LogKind::Kafka;
+    c.kafka_brokers = vec![broker.to_string()];
+    c.kafka_topology = Some(local_topology());
+    c.kafka_namespace = namespace.to_string();
+}
+
+/// Creates the topics of a namespace no other test uses (as `xsender-events topology apply`
+/// does). Fails, never skips, when no broker answers.
+pub async fn fresh_kafka_namespace(broker: &str) -> String {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let namespace = format!(
+        "t{}-{}-{}.",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        rand::random::<u32>()
+    );
+    let mut c = ServeConfig::default();
+    kafka_config(&mut c, broker, &namespace);
+    let s = c.kafka_settings().unwrap();
+    let admin = xsender_events::log::kafka::topology::Admin::connect(
+        &s.client_config(),
+        Duration::from_secs(20),
+    )
+    .unwrap();
+    let report = admin.apply(&s.topology, |_| {}).await.unwrap_or_else(|e| {
+        panic!(
+            "Kafka at {} (start it with scripts/kafka.sh start): {e}",
+            s.brokers
+        )
+    });
+    assert_eq!(report.created.len(), 3, "{report:?}");
+    namespace
+}
+
+/// A Kafka node of the test's own (`scripts/kafka.sh` on free ports and a temporary folder),
+/// to stop and start again without disturbing other tests.
+pub struct PrivateBroker {
+    pub dir: tempfile::TempDir,
+    pub addr: String,
+    port: u16,
+    controller_port: u16,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl PrivateBroker {
+    pub async fn start() -> PrivateBroker {
+        let (port, controller_port) = (free_port(), free_port());
+        let b = PrivateBroker {
+            dir: tempfile::tempdir().unwrap(),
+            addr: format!("127.0.0.1:{port}"),
+            port,
+            controller_port,
+        };
+        b.up().await;
+        b
+    }
+
+    fn script(&self, action: &str) -> tokio::process::Command {
+        let mut c = tokio::process::Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh"),
+        );
+        c.arg(action).arg("--dir").arg(self.dir.path().join("node"));
+        c
+    }
+
+    /// Starts (or starts again, keeping its data) and waits until it answers.
+    pub async fn up(&self) {
+        let out = self
+            .script("start")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--controller-port")
+            .arg(self.controller_port.to_string())
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/kafka.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Stops the node (controlled shutdown) and returns once its process is gone.
+    pub async fn down(&self) {
+        let out = self.script("stop").output().await.unwrap();
+        assert!(
+            out.status.success(),
+            "scripts/kafka.sh stop: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/kafka.sh"),
+        )
+        .arg("kill")
+        .arg("--dir")
+        .arg(self.dir.path().join("node"))
+        .output();
     }
 }
 
@@ -545,6 +723,16 @@ macro_rules! backend_tests {
                 }
             )*
         }
+        /// The cluster backend, Kafka log and CQL projections: needs `scripts/kafka.sh start`
+        /// and `scripts/cassandra.sh start`.
+        mod kafka {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $scenario() {
+                    super::$scenario(super::common::Backend::Kafka).await
+                }
+            )*
+        }
     };
 }
 
@@ -554,6 +742,8 @@ pub enum Backend {
     Embedded,
     /// Projections in a CQL keyspace of their own; the log stays embedded.
     Cql,
+    /// The cluster backend: log on Kafka, projections in CQL.
+    Kafka,
 }
 
 impl Backend {
@@ -569,6 +759,7 @@ impl Backend {
         match self {
             Backend::Embedded => Harness::embedded_with(tenants, tweak).await,
             Backend::Cql => Harness::cql_with(tenants, tweak).await,
+            Backend::Kafka => Harness::kafka_with(tenants, tweak).await,
         }
     }
 }

@@ -1,0 +1,332 @@
+//! The normalizer and the projector as Kafka consumer groups.
+//!
+//! Both commit a partition's offset only after their downstream write (events produced and
+//! acknowledged; projections written with their checkpoints), so a crash or a rebalance at any
+//! point re-delivers, never skips. Re-delivery is harmless: events carry content-derived keys
+//! the fold counts once, and the projection store skips offsets at or below its per-partition
+//! checkpoints (kept with the state, so they are exact even when a commit to Kafka was lost).
+//!
+//! Rebalances are eager (every partition revoked, then assigned afresh from committed offsets):
+//! a batch being collected when one happens is dropped and read again by whoever owns the
+//! partitions now, and a batch being written finishes before the consumer is polled again (the
+//! rebalance runs inside that poll), so two projectors never write one partition at once.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, TopicPartitionList};
+
+use crate::event::{DeadLetter, DeliveryEvent};
+use crate::log::kafka::{position, unavailable, KafkaLog, KafkaSettings};
+use crate::log::{LogError, Record};
+use crate::projection::{Batch, Partition, ProjectionStore, StoreError};
+use crate::shutdown::Shutdown;
+use crate::stages::normalizer::Normalizer;
+
+/// Counts rebalances, so a stage knows whether the batch it collected is still its own.
+#[derive(Default)]
+pub struct Rebalances(AtomicU64);
+
+impl Rebalances {
+    fn epoch(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+impl ClientContext for Rebalances {}
+
+impl ConsumerContext for Rebalances {
+    fn pre_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &rdkafka::consumer::Rebalance<'_>) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        tracing::info!(?rebalance, "consumer group rebalance");
+    }
+}
+
+type GroupConsumer = StreamConsumer<Rebalances>;
+
+fn subscribe(
+    settings: &KafkaSettings,
+    group: &str,
+    topic: &str,
+) -> Result<GroupConsumer, LogError> {
+    let consumer: GroupConsumer = settings
+        .consumer_config(group)
+        .create_with_context(Rebalances::default())
+        .map_err(unavailable)?;
+    consumer.subscribe(&[topic]).map_err(unavailable)?;
+    Ok(consumer)
+}
+
+/// One record taken off a partition: what the stage needs, detached from the consumer.
+struct Taken {
+    partition: Partition,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    payload: Vec<u8>,
+    headers: Option<rdkafka::message::OwnedHeaders>,
+    timestamp_ms: Option<i64>,
+}
+
+/// Waits for the next records (up to `max`); `None` on shutdown, an empty batch when a
+/// rebalance happened while collecting (the records will be delivered again).
+async fn next_batch(
+    consumer: &GroupConsumer,
+    max: usize,
+    shutdown: &mut Shutdown,
+) -> Result<Option<Vec<Taken>>, LogError> {
+    let take = |m: rdkafka::message::BorrowedMessage<'_>| Taken {
+        partition: m.partition(),
+        offset: m.offset(),
+        key: m.key().map(|k| k.to_vec()),
+        payload: m.payload().unwrap_or_default().to_vec(),
+        headers: m.headers().map(|h| h.detach()),
+        timestamp_ms: m.timestamp().to_millis(),
+    };
+    let epoch = consumer.context().epoch();
+    let first = tokio::select! {
+        m = consumer.recv() => m.map_err(unavailable)?,
+        _ = shutdown.wait() => return Ok(None),
+    };
+    // A rebalance inside that first recv came before the record: the record is ours.
+    let epoch = consumer.context().epoch().max(epoch);
+    let mut out = vec![take(first)];
+    // Then whatever is already fetched, without waiting for more than a moment.
+    while out.len() < max {
+        match tokio::time::timeout(Duration::from_millis(2), consumer.recv()).await {
+            Ok(Ok(m)) => out.push(take(m)),
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Err(_) => break,
+        }
+    }
+    if consumer.context().epoch() != epoch {
+        return Ok(Some(Vec::new()));
+    }
+    Ok(Some(out))
+}
+
+/// Commits, per partition, the offset after the last record of `taken`.
+fn commit(consumer: &GroupConsumer, topic: &str, taken: &[Taken]) -> Result<(), LogError> {
+    let mut next: BTreeMap<Partition, i64> = BTreeMap::new();
+    for t in taken {
+        let n = next.entry(t.partition).or_default();
+        *n = (*n).max(t.offset + 1);
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, o) in next {
+        tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(o))
+            .map_err(unavailable)?;
+    }
+    // Async: a lost commit only means re-delivery, which the downstream write absorbs.
+    consumer
+        .commit(&tpl, CommitMode::Async)
+        .map_err(unavailable)
+}
+
+/// Runs `session` until shutdown, starting a fresh one (a new consumer: it rejoins the group
+/// and resumes from committed offsets) after a failure.
+async fn supervise<F, Fut>(stage: &'static str, mut shutdown: Shutdown, mut session: F)
+where
+    F: FnMut(Shutdown) -> Fut,
+    Fut: std::future::Future<Output = Result<(), LogError>>,
+{
+    loop {
+        match session(shutdown.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(stage, error = %e, "stage failed; restarting its consumer");
+                tokio::select! {
+                    _ = tokio::time::sleep(super::RETRY) => {}
+                    _ = shutdown.wait() => return,
+                }
+            }
+        }
+    }
+}
+
+/// The normalizer group: envelopes in, events and dead letters out (acknowledged), then commit.
+pub async fn run_normalizer(
+    log: Arc<KafkaLog>,
+    normalizer: Normalizer,
+    batch_size: usize,
+    shutdown: Shutdown,
+) {
+    let normalizer = Arc::new(normalizer);
+    supervise("normalizer", shutdown, |mut shutdown| {
+        let (log, normalizer) = (log.clone(), normalizer.clone());
+        async move {
+            let t = &log.settings().topology;
+            let (in_topic, group) = (t.topics.envelopes.name.clone(), t.groups.normalizer.clone());
+            let consumer = subscribe(log.settings(), &group, &in_topic)?;
+            tracing::info!(topic = %in_topic, %group, "normalizer consuming");
+            while let Some(taken) = next_batch(&consumer, batch_size, &mut shutdown).await? {
+                if taken.is_empty() {
+                    continue;
+                }
+                normalize_batch(&log, &normalizer, &taken).await?;
+                commit(&consumer, &in_topic, &taken)?;
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+async fn normalize_batch(
+    log: &KafkaLog,
+    normalizer: &Normalizer,
+    taken: &[Taken],
+) -> Result<(), LogError> {
+    let topics = &log.settings().topology.topics;
+    let mut records = Vec::with_capacity(taken.len());
+    let mut undecodable = Vec::new();
+    for t in taken {
+        match log.wire().decode_envelope(&t.payload, t.headers.as_ref()) {
+            Ok(env) => records.push(Record {
+                offset: position(t.partition, t.offset),
+                value: env,
+            }),
+            // Foreign or corrupt data on the topic: kept as a dead letter, never skipped.
+            Err(e) => undecodable.push(DeadLetter {
+                envelope_id: t
+                    .key
+                    .as_ref()
+                    .map(|k| String::from_utf8_lossy(k).into_owned())
+                    .unwrap_or_default(),
+                provider: "unknown".into(),
+                reason: "undecodable_envelope".into(),
+                detail: format!(
+                    "{} partition {} offset {}: {e}",
+                    topics.envelopes.name, t.partition, t.offset
+                ),
+                item: crate::providers::body_prefix(&t.payload),
+                received_at_ms: t.timestamp_ms.unwrap_or_default(),
+            }),
+        }
+    }
+    let mut batch = normalizer.normalize(&records);
+    batch
+        .dead_letters
+        .extend(undecodable.into_iter().map(|d| (0, d)));
+    let tally = Normalizer::tally(&batch);
+    let mut sends = Vec::with_capacity(batch.events.len() + batch.dead_letters.len());
+    for (_, e) in &batch.events {
+        let (value, headers) = log.wire().encode_event(e);
+        sends.push((topics.events.name.as_str(), event_key(e), value, headers));
+    }
+    for (_, d) in &batch.dead_letters {
+        tracing::warn!(provider = %d.provider, reason = %d.reason, envelope = %d.envelope_id, "dead letter");
+        let value = serde_json::to_vec(d).map_err(unavailable)?;
+        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
+            key: "content-type",
+            value: Some("application/json"),
+        });
+        sends.push((
+            topics.dead_letters.name.as_str(),
+            d.envelope_id.as_bytes().to_vec(),
+            value,
+            headers,
+        ));
+    }
+    // All in flight at once (the producer batches them); every one acknowledged before the
+    // envelopes' offsets are committed.
+    futures::future::try_join_all(
+        sends
+            .iter()
+            .map(|(topic, key, value, headers)| log.send(topic, key, value, headers.clone())),
+    )
+    .await?;
+    normalizer.count(tally);
+    Ok(())
+}
+
+/// The events topic's key: tenant and dispatch key, so one partition owns each dispatch row.
+pub fn event_key(e: &DeliveryEvent) -> Vec<u8> {
+    let mut k = Vec::with_capacity(e.tenant.len() + 1 + e.dispatch_key.len());
+    k.extend_from_slice(e.tenant.as_bytes());
+    k.push(0);
+    k.extend_from_slice(e.dispatch_key.as_bytes());
+    k
+}
+
+/// The projector group: events in, folded with per-partition checkpoints, then commit.
+pub async fn run_projector(
+    settings: KafkaSettings,
+    wire: crate::log::kafka::wire::Wire,
+    store: Arc<dyn ProjectionStore>,
+    batch_size: usize,
+    shutdown: Shutdown,
+) {
+    supervise("projector", shutdown, |mut shutdown| {
+        let (settings, wire, store) = (settings.clone(), wire.clone(), store.clone());
+        async move {
+            let t = &settings.topology;
+            let (topic, group) = (t.topics.events.name.clone(), t.groups.projector.clone());
+            let consumer = subscribe(&settings, &group, &topic)?;
+            tracing::info!(%topic, %group, "projector consuming");
+            while let Some(taken) = next_batch(&consumer, batch_size, &mut shutdown).await? {
+                if taken.is_empty() {
+                    continue;
+                }
+                let batch = decode_events(&wire, &topic, &taken)?;
+                let spans =
+                    super::projector::spans(batch.parts.iter().flat_map(|(_, r)| r), taken.len());
+                let applied = store.apply(batch.clone()).await;
+                drop(spans);
+                match applied {
+                    Ok(()) => commit(&consumer, &topic, &taken)?,
+                    // The generation's checkpoints are behind what we read (a rebuild switched
+                    // generations): read those partitions again from there.
+                    Err(StoreError::Gap { .. }) => {
+                        let cps = store.checkpoints().await.map_err(|e| unavailable(e))?;
+                        for (p, records) in &batch.parts {
+                            let first = records.first().map(|r| r.offset - 1).unwrap_or(0);
+                            let from = first.min(cps.get(p).copied().unwrap_or(0));
+                            consumer
+                                .seek(
+                                    &topic,
+                                    *p,
+                                    rdkafka::Offset::Offset(from),
+                                    Duration::from_secs(10),
+                                )
+                                .map_err(unavailable)?;
+                        }
+                    }
+                    Err(e) => return Err(LogError::Unavailable(e.to_string())),
+                }
+            }
+            Ok(())
+        }
+    })
+    .await
+}
+
+/// The batch per partition, in offset order. A record that does not decode stops the
+/// projector (with its position in the error, retried): it was written by a normalizer with a
+/// schema this build does not know, and skipping it would lose an event for good; upgrading
+/// the projector lets it through.
+fn decode_events(
+    wire: &crate::log::kafka::wire::Wire,
+    topic: &str,
+    taken: &[Taken],
+) -> Result<Batch, LogError> {
+    let mut parts: BTreeMap<Partition, Vec<Record<DeliveryEvent>>> = BTreeMap::new();
+    for t in taken {
+        let e = wire
+            .decode_event(&t.payload, t.headers.as_ref())
+            .map_err(|e| LogError::Corrupt {
+                offset: position(t.partition, t.offset),
+                message: format!("{topic} partition {} offset {}: {e}", t.partition, t.offset),
+            })?;
+        parts.entry(t.partition).or_default().push(Record {
+            offset: t.offset + 1,
+            value: e,
+        });
+    }
+    Ok(Batch {
+        parts: parts.into_iter().collect(),
+    })
+}
