@@ -123,20 +123,20 @@ impl LogArgs {
 
 #[derive(Args)]
 struct TopologyArgs {
-    #[command(subcommand)]
+    /// apply: create missing topics, reset drifted topic configs, report what is left (exit 1
+    /// when something is); check: report drift only (exit 1 when there is any).
+    #[arg(value_enum)]
     action: TopologyAction,
     /// TOML file with `kafka_*` settings; flags and env override it.
-    #[arg(long, env = "XSENDER_CONFIG", global = true)]
+    #[arg(long, env = "XSENDER_CONFIG")]
     config: Option<PathBuf>,
     #[command(flatten)]
     log: LogArgs,
 }
 
-#[derive(Subcommand, Clone, Copy, PartialEq)]
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq)]
 enum TopologyAction {
-    /// Create missing topics, reset drifted topic configs, report what is left.
     Apply,
-    /// Report drift only (exit 1 when there is any).
     Check,
 }
 
