@@ -614,3 +614,66 @@ async fn rebuild_on_kafka_from_offsets_and_time() {
         .to_string();
     assert!(e.contains("offset per partition"), "{e}");
 }
+
+/// Starts one more process-like instance of `role` on the harness's cluster (in this process).
+async fn start_role(h: &Harness, role: Role) -> xsender_events::app::Running {
+    let mut c = h.config.clone();
+    c.role = role;
+    c.listen = "127.0.0.1:0".parse().unwrap();
+    c.projector_batch = 200;
+    c.normalizer_batch = 16;
+    xsender_events::app::start(c).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_groups_rebalance_under_load_without_loss_or_double_counting() {
+    let h = Harness::kafka_with(vec![TenantSpec::new("acme")], |c| c.role = Role::Ingress).await;
+    let mut normalizers = vec![
+        start_role(&h, Role::Normalizer).await,
+        start_role(&h, Role::Normalizer).await,
+    ];
+    let mut projectors = vec![
+        start_role(&h, Role::Projector).await,
+        start_role(&h, Role::Projector).await,
+    ];
+    // Members leave and join while requests flow: every change is a rebalance of both groups.
+    let sender = {
+        let h2 = Harness {
+            dir: tempfile::tempdir().unwrap(),
+            running: None,
+            base: h.base.clone(),
+            http: h.http.clone(),
+            tenants: vec![TenantSpec {
+                signer: h.tenant("acme").signer.clone(),
+                ..TenantSpec::new("acme")
+            }],
+            config: h.config.clone(),
+        };
+        tokio::spawn(async move { send_pairs(&h2, "rb", 1200).await })
+    };
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        projectors.remove(0).stop().await;
+        normalizers.remove(0).stop().await;
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        projectors.push(start_role(&h, Role::Projector).await);
+        normalizers.push(start_role(&h, Role::Normalizer).await);
+    }
+    let ids = sender.await.unwrap();
+    wait_until(Duration::from_secs(120), || async {
+        h.running.as_ref().unwrap().lag().await.map(|l| l.is_zero()).unwrap_or(false)
+    })
+    .await;
+    for id in &ids {
+        let (status, body) = h.get("acme", &format!("/api/v1/dispatches/{id}")).await;
+        assert_eq!(status, 200, "{id}: {body}");
+        assert_eq!(
+            (body["status"].as_str(), body["opens"].as_u64()),
+            (Some("Delivered"), Some(1)),
+            "{id}: {body}"
+        );
+    }
+    for r in normalizers.into_iter().chain(projectors) {
+        r.stop().await;
+    }
+}
