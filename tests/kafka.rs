@@ -221,7 +221,9 @@ async fn broker_stopped_under_load_gets_503_and_loses_no_accepted_event() {
         .collect();
     assert!(
         wrongly_accepted.is_empty(),
-        "2xx while the broker was down: {wrongly_accepted:?}"
+        "{} requests got 2xx while the broker was down, e.g. {:?}",
+        wrongly_accepted.len(),
+        wrongly_accepted.iter().take(3).map(|(id, _)| id).collect::<Vec<_>>()
     );
     assert!(refused > 0, "no 503 while the broker was down");
     let accepted_ids: Vec<String> = o
