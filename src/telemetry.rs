@@ -150,13 +150,17 @@ impl Metrics {
         self.request_bytes.get_or_create(&l).inc_by(bytes as u64);
     }
 
-    pub fn set_lag(&self, stage: &str, records: i64, seconds: f64) {
+    /// `seconds` is the age of the oldest record not yet processed, when the log can tell
+    /// cheaply (the embedded one can; on Kafka only the record count is reported).
+    pub fn set_lag(&self, stage: &str, records: i64, seconds: Option<f64>) {
         let l = StageLabels {
             stage: stage.to_string(),
             partition: "0".to_string(),
         };
         self.lag_records.get_or_create(&l).set(records);
-        self.lag_seconds.get_or_create(&l).set(seconds);
+        if let Some(s) = seconds {
+            self.lag_seconds.get_or_create(&l).set(s);
+        }
     }
 
     pub fn encode(&self) -> String {

@@ -223,7 +223,11 @@ async fn broker_stopped_under_load_gets_503_and_loses_no_accepted_event() {
         wrongly_accepted.is_empty(),
         "{} requests got 2xx while the broker was down, e.g. {:?}",
         wrongly_accepted.len(),
-        wrongly_accepted.iter().take(3).map(|(id, _)| id).collect::<Vec<_>>()
+        wrongly_accepted
+            .iter()
+            .take(3)
+            .map(|(id, _)| id)
+            .collect::<Vec<_>>()
     );
     assert!(refused > 0, "no 503 while the broker was down");
     let accepted_ids: Vec<String> = o
@@ -605,10 +609,15 @@ async fn rebuild_on_kafka_from_offsets_and_time() {
     assert_eq!(ids.len(), 60);
 
     // Mistakes are named.
-    let e = rebuild(&h.config, RebuildFrom::Offsets([(12, 0)].into()), false, false)
-        .await
-        .unwrap_err()
-        .to_string();
+    let e = rebuild(
+        &h.config,
+        RebuildFrom::Offsets([(12, 0)].into()),
+        false,
+        false,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("partition 12 is not a partition"), "{e}");
     let e = rebuild(&h.config, RebuildFrom::Offset(5), false, false)
         .await
@@ -663,7 +672,13 @@ async fn consumer_groups_rebalance_under_load_without_loss_or_double_counting() 
     }
     let ids = sender.await.unwrap();
     wait_until(Duration::from_secs(120), || async {
-        h.running.as_ref().unwrap().lag().await.map(|l| l.is_zero()).unwrap_or(false)
+        h.running
+            .as_ref()
+            .unwrap()
+            .lag()
+            .await
+            .map(|l| l.is_zero())
+            .unwrap_or(false)
     })
     .await;
     for id in &ids {

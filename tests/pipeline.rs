@@ -703,7 +703,15 @@ async fn rebuild_while_serving_gives_identical_rows(backend: Backend) {
     // to every event logged: 216 from the batch and the bulk, and the late one.
     let checkpoints = gens[0]["checkpoints"].as_object().unwrap();
     let total: i64 = checkpoints.values().map(|v| v.as_i64().unwrap()).sum();
-    let written = h.running.as_ref().unwrap().state.lag.events_written().await.unwrap();
+    let written = h
+        .running
+        .as_ref()
+        .unwrap()
+        .state
+        .lag
+        .events_written()
+        .await
+        .unwrap();
     assert_eq!((total, written), (417, 417), "{body}");
     assert_eq!(
         gens[0]["checkpoint"],

@@ -120,16 +120,25 @@ pub async fn handle(state: Arc<AppState>, peer: SocketAddr, req: Request<Incomin
 async fn metrics(state: &AppState) -> Resp {
     let m = &state.metrics;
     let now = chrono::Utc::now().timestamp_millis();
-    let age = |received_at_ms: Option<i64>| {
-        received_at_ms
-            .map(|t| (now - t).max(0) as f64 / 1000.0)
-            .unwrap_or(0.0)
+    let age = |records: i64, received_at_ms: Option<i64>| {
+        if records == 0 {
+            return Some(0.0);
+        }
+        received_at_ms.map(|t| (now - t).max(0) as f64 / 1000.0)
     };
     if let Ok(l) = state.lag.normalizer().await {
-        m.set_lag("normalizer", l.records, age(l.oldest_received_at_ms));
+        m.set_lag(
+            "normalizer",
+            l.records,
+            age(l.records, l.oldest_received_at_ms),
+        );
     }
     if let Ok(l) = state.lag.projector().await {
-        m.set_lag("projector", l.records, age(l.oldest_received_at_ms));
+        m.set_lag(
+            "projector",
+            l.records,
+            age(l.records, l.oldest_received_at_ms),
+        );
     }
     if let Ok(head) = state.lag.events_written().await {
         m.events_log_head.set(head);

@@ -355,7 +355,15 @@ impl EventSearch for KafkaLog {
             Ok(from_cursor.max(from_time))
         };
         let visit = move |p: Partition, m: &BorrowedMessage<'_>| {
-            let e = wire.decode_event(m.payload()?, m.headers()).ok()?;
+            let e = match wire.decode_event(m.payload()?, m.headers()) {
+                Ok(e) => e,
+                Err(err) => {
+                    // The projector stops on such a record (see stages::kafka); a search
+                    // just leaves it out, loudly.
+                    tracing::warn!(partition = p, offset = m.offset(), error = %err, "undecodable event left out of a search");
+                    return None;
+                }
+            };
             let keep = e.tenant == q.tenant
                 && q.recipient.as_ref().is_none_or(|r| *r == e.recipient)
                 && q.message_id
