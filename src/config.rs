@@ -209,13 +209,13 @@ impl ServeConfig {
                 return bad("admin_token must be at least 16 characters");
             }
         }
-        if self.role != Role::All {
-            if self.log != LogKind::Kafka || self.projection_store != ProjectionStoreKind::Cql {
-                return bad(&format!(
-                    "role = \"{}\" needs log = \"kafka\" and projection_store = \"cql\" (separate processes share only the cluster); on the embedded default run role = \"all\"",
-                    self.role.as_str()
-                ));
-            }
+        if self.role != Role::All
+            && (self.log != LogKind::Kafka || self.projection_store != ProjectionStoreKind::Cql)
+        {
+            return bad(&format!(
+                "role = \"{}\" needs log = \"kafka\" and projection_store = \"cql\" (separate processes share only the cluster); on the embedded default run role = \"all\"",
+                self.role.as_str()
+            ));
         }
         if self.log == LogKind::Kafka {
             if self.kafka_brokers.is_empty()

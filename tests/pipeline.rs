@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 
 use common::{by_dispatch, fixture, reorder_batch, Backend, Harness, TenantSpec};
 use serde_json::{json, Value};
-use xsender_events::log::LagProbe;
 
 fn acme() -> Vec<TenantSpec> {
     vec![TenantSpec::new("acme")]

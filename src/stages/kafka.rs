@@ -281,7 +281,7 @@ pub async fn run_projector(
                     // The generation's checkpoints are behind what we read (a rebuild switched
                     // generations): read those partitions again from there.
                     Err(StoreError::Gap { .. }) => {
-                        let cps = store.checkpoints().await.map_err(|e| unavailable(e))?;
+                        let cps = store.checkpoints().await.map_err(unavailable)?;
                         for (p, records) in &batch.parts {
                             let first = records.first().map(|r| r.offset - 1).unwrap_or(0);
                             let from = first.min(cps.get(p).copied().unwrap_or(0));

@@ -12,8 +12,8 @@ use rdkafka::TopicPartitionList;
 use super::wire::Wire;
 use super::{unavailable, watermarks, KafkaSettings};
 use crate::event::DeliveryEvent;
-use crate::log::{LogError, Offset, Record};
-use crate::projection::{Batch, Partition};
+use crate::log::{LogError, Record};
+use crate::projection::{Batch, Partition, TailReader};
 
 /// How long a read waits for a record it knows exists before giving up.
 const STALL: Duration = Duration::from_secs(30);
@@ -113,17 +113,7 @@ pub fn read_range(
 
 /// The tail reader of a generation switch: `(partition, after, max)` → the events of that
 /// partition after record offset `after` (= from Kafka offset `after`), up to its current end.
-pub fn tail_reader(
-    settings: KafkaSettings,
-    wire: Wire,
-) -> Result<
-    Box<
-        dyn Fn(Partition, Offset, usize) -> Result<Vec<Record<DeliveryEvent>>, String>
-            + Send
-            + Sync,
-    >,
-    LogError,
-> {
+pub fn tail_reader(settings: KafkaSettings, wire: Wire) -> Result<TailReader, LogError> {
     let consumer = Arc::new(Mutex::new(settings.reader()?));
     Ok(Box::new(move |p, after, max| {
         let topic = &settings.topology.topics.events.name;
