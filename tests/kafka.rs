@@ -248,16 +248,7 @@ async fn broker_stopped_under_load_gets_503_and_loses_no_accepted_event() {
         while_down.len(),
         refused
     );
-    wait_until(Duration::from_secs(120), || async {
-        h.running
-            .as_ref()
-            .unwrap()
-            .lag()
-            .await
-            .map(|l| l.is_zero())
-            .unwrap_or(false)
-    })
-    .await;
+    h.settle_within(Duration::from_secs(120)).await;
     for id in &accepted_ids {
         assert_eq!(
             opens(&h, id).await,
@@ -671,16 +662,7 @@ async fn consumer_groups_rebalance_under_load_without_loss_or_double_counting() 
         normalizers.push(start_role(&h, Role::Normalizer).await);
     }
     let ids = sender.await.unwrap();
-    wait_until(Duration::from_secs(120), || async {
-        h.running
-            .as_ref()
-            .unwrap()
-            .lag()
-            .await
-            .map(|l| l.is_zero())
-            .unwrap_or(false)
-    })
-    .await;
+    h.settle_within(Duration::from_secs(120)).await;
     for id in &ids {
         let (status, body) = h.get("acme", &format!("/api/v1/dispatches/{id}")).await;
         assert_eq!(status, 200, "{id}: {body}");

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{now_secs, spawn_server_with_env, wait_until, SendGridSigner};
+use common::{free_port, now_secs, spawn_server_with_env, wait_until, SendGridSigner};
 
 #[derive(Debug, Default, Clone)]
 struct Span {
@@ -45,14 +45,6 @@ fn spans(log: &str) -> Vec<Span> {
     }
     out.extend(cur);
     out
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
