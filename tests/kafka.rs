@@ -676,3 +676,61 @@ async fn consumer_groups_rebalance_under_load_without_loss_or_double_counting() 
         r.stop().await;
     }
 }
+
+/// Fault injection with librdkafka's mock cluster (the real broker cannot be made slow on
+/// demand): a broker slower than the produce bound, or refusing writes, makes the append fail
+/// within the bound — ingress answers 503 — and never report success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_or_refusing_broker_fails_the_append_within_the_bound() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    use xsender_events::log::kafka::{KafkaLog, KafkaSettings, Topology};
+    use xsender_events::log::EnvelopeLog;
+
+    let mock = MockCluster::new(1).unwrap();
+    let topology = Topology::load(&local_topology()).unwrap();
+    mock.create_topic(&topology.topics.envelopes.name, 2, 1).unwrap();
+    let bound = Duration::from_millis(1500);
+    let log = KafkaLog::open(KafkaSettings {
+        brokers: mock.bootstrap_servers(),
+        topology,
+        properties: Default::default(),
+        produce_timeout: bound,
+        schema_registry_url: None,
+    })
+    .await
+    .unwrap();
+    let envelope = |i: u32| {
+        let mut e = xsender_events::event::RawEnvelope::verified("sendgrid", b"[]".to_vec(), &["acme"]);
+        e.id = format!("env-{i}");
+        e
+    };
+    assert!(log.append(&envelope(0)).await.is_ok(), "a healthy broker takes it");
+
+    // Slower than the bound: an error after about the bound, never Ok.
+    mock.broker_round_trip_time(-1, Duration::from_secs(4)).unwrap();
+    let started = Instant::now();
+    let e = log.append(&envelope(1)).await.unwrap_err().to_string();
+    let took = started.elapsed();
+    assert!(e.contains("within 1500 ms") || e.contains("timed out"), "{e}");
+    assert!(took < Duration::from_secs(4), "waited {took:?}, past the bound");
+    mock.broker_round_trip_time(-1, Duration::ZERO).unwrap();
+
+    // Every produce refused with a retriable error (not enough in-sync replicas): retried until
+    // the bound, then an error.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 64],
+    );
+    assert!(log.append(&envelope(2)).await.is_err());
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    // And it recovers.
+    let mut ok = false;
+    for i in 3..40 {
+        if log.append(&envelope(i)).await.is_ok() {
+            ok = true;
+            break;
+        }
+    }
+    assert!(ok, "appends succeed again once the broker is healthy");
+}
