@@ -147,5 +147,77 @@ EOF
   fi
 fi
 
+# The cluster pods' exact arguments (one Deployment per role), given to today's binary against
+# the test Kafka and CQL nodes: topics and tables made as the README says, each role starts and
+# is ready, ingress serves the admin API, the other roles refuse the APIs, all stop cleanly.
+if [[ -z "${BIN:-}" || ! -x "${BIN:-}" || -z "${XSENDER_TEST_KAFKA:-}" || -z "${XSENDER_TEST_CQL:-}" ]]; then
+  echo "skip  cluster smoke start (set BIN, XSENDER_TEST_KAFKA and XSENDER_TEST_CQL)"
+else
+  CLUSTER_PIDS=()
+  cluster_smoke() {
+    local dir="$OUT/cluster-smoke" ns="helmsmoke$$." ks="xs_helm_smoke_$$" role line port
+    mkdir -p "$dir"
+    local topo="$PWD/topology/local.toml"
+    local set=(--set mode=cluster --set "kafka.brokers={$XSENDER_TEST_KAFKA}"
+      --set "cql.nodes={$XSENDER_TEST_CQL}" --set "cql.keyspace=$ks" --set "kafka.namespace=$ns"
+      --set tenants.existingSecret=xsender-events-tenants)
+    # One broker here: the single-broker topology, passed the chart's way for extra arguments.
+    for role in ingress normalizer projector; do
+      set+=(--set "$role.extraArgs={--kafka-topology,$topo}")
+    done
+    "$HELM" template xs "$CHART" --namespace mail "${set[@]}" >"$dir/cluster.yaml" || return 1
+    "$BIN" topology apply --kafka-brokers "$XSENDER_TEST_KAFKA" --kafka-topology "$topo" \
+      --kafka-namespace "$ns" >"$dir/topology.log" 2>&1 || { cat "$dir/topology.log"; return 1; }
+    "$BIN" migrate --cql-nodes "$XSENDER_TEST_CQL" --cql-keyspace "$ks" >"$dir/migrate.log" 2>&1 \
+      || { cat "$dir/migrate.log"; return 1; }
+    printf '[tenants.acme]\napi_token = "smoke-test-read-token"\n' >"$dir/tenants.toml"
+    for role in ingress normalizer projector; do
+      mkdir -p "$dir/$role/config" "$dir/$role/data"
+      "$VENV/bin/python" - "$dir/cluster.yaml" "$dir/$role" "$role" "$dir/tenants.toml" >"$dir/$role/args" <<'PY' || return 1
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+d, role, tenants = sys.argv[2], sys.argv[3], sys.argv[4]
+open(f"{d}/config/config.toml", "w").write(next(x for x in docs if x["kind"] == "ConfigMap")["data"]["config.toml"])
+dep = next(x for x in docs if x["kind"] == "Deployment"
+           and x["metadata"]["labels"]["app.kubernetes.io/component"] == role)
+for a in dep["spec"]["template"]["spec"]["containers"][0]["args"]:
+    a = a.replace("/etc/xsender-events/tenants/tenants.toml", tenants)
+    print(a.replace("/etc/xsender-events/", d + "/").replace("/data", d + "/data"))
+PY
+      mapfile -t args <"$dir/$role/args"
+      grep -qx -- "$role" "$dir/$role/args" || { echo "no --role $role in its args"; return 1; }
+      XSENDER_ADMIN_TOKEN=smoke-test-admin-token "$BIN" "${args[@]}" --listen 127.0.0.1:0 \
+        2>"$dir/$role/log" &
+      CLUSTER_PIDS+=($!)
+      for _ in $(seq 1 300); do
+        line=$(grep -m1 -o 'listening on http://[0-9.:]*' "$dir/$role/log" 2>/dev/null || true)
+        [[ -n "$line" ]] && break
+        kill -0 "${CLUSTER_PIDS[-1]}" 2>/dev/null || break
+        sleep 0.1
+      done
+      port=${line##*:}
+      [[ -n "$port" ]] || { echo "$role did not start:"; cat "$dir/$role/log"; return 1; }
+      curl -fsS "http://127.0.0.1:$port/readyz" >/dev/null || return 1
+      curl -fsS "http://127.0.0.1:$port/metrics" | grep -q xsender_stage_lag_records || return 1
+      if [[ $role == ingress ]]; then
+        curl -fsS -H 'Authorization: Bearer smoke-test-admin-token' \
+          "http://127.0.0.1:$port/api/admin/tenants" | grep -q acme || return 1
+      else
+        curl -sS "http://127.0.0.1:$port/api/v1/contacts/a@example.com" | grep -q "$role role" || return 1
+      fi
+    done
+    for pid in "${CLUSTER_PIDS[@]}"; do kill -TERM "$pid"; done
+    for pid in "${CLUSTER_PIDS[@]}"; do wait "$pid" || return 1; done
+    CLUSTER_PIDS=()
+  }
+  if cluster_smoke; then
+    ok "cluster smoke start: each role's Deployment arguments run today's binary on Kafka + CQL (ready, /metrics, ingress admin API, other roles refuse the APIs, clean stop)"
+  else
+    bad "cluster smoke start"
+    for r in ingress normalizer projector; do sed "s/^/      $r: /" "$OUT/cluster-smoke/$r/log" 2>/dev/null; done
+  fi
+  for pid in "${CLUSTER_PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+fi
+
 echo "helm: $passed passed, $failed failed"
 [[ $failed -eq 0 ]]

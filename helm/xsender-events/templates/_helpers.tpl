@@ -130,6 +130,14 @@ spec:
         - {{ .role }}
         - --kafka-brokers
         - {{ join "," $v.kafka.brokers | quote }}
+        {{- with $v.kafka.namespace }}
+        - --kafka-namespace
+        - {{ . | quote }}
+        {{- end }}
+        {{- with $v.kafka.schemaRegistryUrl }}
+        - --schema-registry-url
+        - {{ . | quote }}
+        {{- end }}
         - --projections
         - cql
         - --cql-nodes
