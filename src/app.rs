@@ -28,7 +28,8 @@ use crate::log::{
 use crate::projection::cql::CqlProjections;
 use crate::projection::sqlite::SqliteProjections;
 use crate::projection::{Batch, Partition, Positions, ProjectionStore};
-use crate::providers::{registry, ProviderSettings};
+use crate::providers::replay_cql::CqlReplayGuard;
+use crate::providers::{registry, ProviderSettings, ReplayGuard};
 use crate::shutdown::{self, Trigger};
 use crate::stages::{normalizer::Normalizer, projector};
 use crate::tenants::{
@@ -76,12 +77,24 @@ impl Running {
     }
 }
 
-pub fn provider_settings(cfg: &ServeConfig) -> ProviderSettings {
-    ProviderSettings {
+/// The adapters' settings. Single-use tokens are recorded in the CQL keyspace when projections
+/// live there (every ingress replica shares it, see `CqlReplayGuard`), otherwise in this
+/// process's memory (the embedded default: one process).
+pub async fn provider_settings(cfg: &ServeConfig) -> anyhow::Result<ProviderSettings> {
+    let defaults = ProviderSettings::default();
+    let replay_guard: Arc<dyn ReplayGuard> = match cfg.projection_store {
+        // Only ingress spends tokens; the other roles never call the guard.
+        ProjectionStoreKind::Cql if cfg.role.runs_ingress() => Arc::new(
+            CqlReplayGuard::open(&cfg.cql_settings())
+                .await
+                .context("opening the CQL replay guard")?,
+        ),
+        _ => defaults.replay_guard,
+    };
+    Ok(ProviderSettings {
         timestamp_tolerance: Duration::from_secs(cfg.timestamp_tolerance_secs),
-        // The in-memory replay cache (per process; see `ReplayGuard`).
-        ..ProviderSettings::default()
-    }
+        replay_guard,
+    })
 }
 
 /// The log side of a `serve`: one backend behind the traits the rest uses.
@@ -219,7 +232,7 @@ pub async fn start_with(
             .with_context(|| format!("cannot create data folder {}", cfg.data_dir.display()))?;
     }
     let projections = open_projections(&cfg).await?;
-    let settings = provider_settings(&cfg);
+    let settings = provider_settings(&cfg).await?;
     let providers = providers(&settings);
     let file = match cfg.tenants_path() {
         Some(p) => {

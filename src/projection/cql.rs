@@ -14,7 +14,8 @@
 //! the live projector use. Every statement is prepared and names its keyspace, so the driver's
 //! default load balancing routes it to a replica of its partition; all run at the driver's
 //! default LOCAL_QUORUM, so a checkpoint or a switch written is what the next read in the data
-//! center sees.
+//! center sees. The keyspace also holds `tenants` (`src/tenants/cql.rs`) and `replay_tokens`
+//! (`src/providers/replay_cql.rs`, whose lightweight transactions run Paxos at SERIAL).
 //!
 //! # Checkpoints per log partition
 //!
@@ -136,6 +137,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         3,
         "003_projection_checkpoints",
         include_str!("../../schemas/cql/003_projection_checkpoints.cql"),
+    ),
+    (
+        4,
+        "004_replay_tokens",
+        include_str!("../../schemas/cql/004_replay_tokens.cql"),
     ),
 ];
 

@@ -1,10 +1,12 @@
 //! ESP adapters. Each provider is one file: it verifies a request over its raw bytes and
 //! resolves the tenant (ingress side), and turns a stored raw envelope into normalized events
 //! (normalizer side, pure). Adding an ESP = one file + one line in [`registry`] + a folder of
-//! fixtures under `tests/fixtures/<name>/`.
+//! fixtures under `tests/fixtures/<name>/`. [`replay_cql`] is not an ESP: it is the cluster
+//! deployment's [`ReplayGuard`].
 
 pub mod mailgun;
 pub mod mailjet;
+pub mod replay_cql;
 pub mod sendgrid;
 pub mod ses;
 
@@ -49,8 +51,9 @@ pub struct ProviderSettings {
     /// rejected as a replay.
     pub timestamp_tolerance: Duration,
     /// Remembers single-use tokens (Mailgun's `signature.token`) for as long as their
-    /// timestamp is acceptable. The embedded default is [`MemoryReplayGuard`]; a cluster
-    /// deployment passes one backed by its shared store so the check holds across replicas.
+    /// timestamp is acceptable. The embedded default is [`MemoryReplayGuard`]; with
+    /// `projection_store = "cql"`, `app::provider_settings` passes a
+    /// [`replay_cql::CqlReplayGuard`] on the shared keyspace so the check holds across replicas.
     pub replay_guard: Arc<dyn ReplayGuard>,
 }
 
@@ -87,10 +90,11 @@ pub enum ReplayGuardError {
 /// the timestamp window. Call it only after the signature verified: otherwise anyone could
 /// burn a genuine token before the ESP's request arrives.
 ///
-/// The embedded single-process default is [`MemoryReplayGuard`]. The cluster backend
-/// implements this on the shared store with a conditional insert (insert `(scope, token)` only
-/// if absent or expired, and report whether a row was written), so two ingress replicas can
-/// never both accept the same token.
+/// The embedded single-process default is [`MemoryReplayGuard`]. With `projection_store =
+/// "cql"` it is [`replay_cql::CqlReplayGuard`]: a conditional insert on the shared keyspace
+/// (`INSERT … IF NOT EXISTS USING TTL`, a lightweight transaction at SERIAL consistency, so a
+/// row is written only if `(scope, token)` is absent or expired, and the answer says whether it
+/// was), so two ingress replicas can never both accept the same token.
 #[async_trait]
 pub trait ReplayGuard: Send + Sync + 'static {
     /// `Ok(true)` when `token` was not seen in `scope` before (it is now recorded until
@@ -146,7 +150,7 @@ impl MemoryReplayGuard {
 }
 
 /// Length-prefixed so ("ab", "c") and ("a", "bc") never collide.
-fn replay_id(scope: &str, token: &str) -> [u8; 16] {
+pub(crate) fn replay_id(scope: &str, token: &str) -> [u8; 16] {
     let digest = Sha256::new()
         .chain_update((scope.len() as u64).to_le_bytes())
         .chain_update(scope.as_bytes())
