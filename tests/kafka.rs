@@ -689,7 +689,8 @@ async fn slow_or_refusing_broker_fails_the_append_within_the_bound() {
 
     let mock = MockCluster::new(1).unwrap();
     let topology = Topology::load(&local_topology()).unwrap();
-    mock.create_topic(&topology.topics.envelopes.name, 2, 1).unwrap();
+    mock.create_topic(&topology.topics.envelopes.name, 2, 1)
+        .unwrap();
     let bound = Duration::from_millis(1500);
     let log = KafkaLog::open(KafkaSettings {
         brokers: mock.bootstrap_servers(),
@@ -701,19 +702,30 @@ async fn slow_or_refusing_broker_fails_the_append_within_the_bound() {
     .await
     .unwrap();
     let envelope = |i: u32| {
-        let mut e = xsender_events::event::RawEnvelope::verified("sendgrid", b"[]".to_vec(), &["acme"]);
+        let mut e =
+            xsender_events::event::RawEnvelope::verified("sendgrid", b"[]".to_vec(), &["acme"]);
         e.id = format!("env-{i}");
         e
     };
-    assert!(log.append(&envelope(0)).await.is_ok(), "a healthy broker takes it");
+    assert!(
+        log.append(&envelope(0)).await.is_ok(),
+        "a healthy broker takes it"
+    );
 
     // Slower than the bound: an error after about the bound, never Ok.
-    mock.broker_round_trip_time(-1, Duration::from_secs(4)).unwrap();
+    mock.broker_round_trip_time(-1, Duration::from_secs(4))
+        .unwrap();
     let started = Instant::now();
     let e = log.append(&envelope(1)).await.unwrap_err().to_string();
     let took = started.elapsed();
-    assert!(e.contains("within 1500 ms") || e.contains("timed out"), "{e}");
-    assert!(took < Duration::from_secs(4), "waited {took:?}, past the bound");
+    assert!(
+        e.contains("within 1500 ms") || e.contains("timed out"),
+        "{e}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "waited {took:?}, past the bound"
+    );
     mock.broker_round_trip_time(-1, Duration::ZERO).unwrap();
 
     // Every produce refused with a retriable error (not enough in-sync replicas): retried until
