@@ -185,7 +185,12 @@ start() {
     write_conf
     if [ ! -f "$DIR/data/meta.properties" ]; then
       local cluster_id
-      cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)
+      # A base64url UUID; one starting with '-' would be read by the format tool as an option
+      # (1 in 64 ids: a start that failed at random), so draw again.
+      cluster_id=-
+      while [[ $cluster_id == -* ]]; do
+        cluster_id=$(head -c 16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)
+      done
       java -Xmx256m -Dlog4j2.configurationFile="$DIR/log4j2.properties" -cp "$JARS/*" \
         kafka.tools.StorageTool format --standalone -t "$cluster_id" \
         -c "$DIR/server.properties" --ignore-formatted >"$DIR/logs/format.log" 2>&1 ||

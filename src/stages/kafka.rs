@@ -88,8 +88,22 @@ async fn next_batch(
     };
     let epoch = consumer.context().epoch();
     let first = tokio::select! {
-        m = consumer.recv() => m.map_err(unavailable)?,
+        m = consumer.recv() => m,
         _ = shutdown.wait() => return Ok(None),
+    };
+    let first = match first {
+        Ok(m) => m,
+        // librdkafka reports passing trouble (a broker down, a transport error) on the
+        // consumer and recovers by itself: restarting the consumer would only add a rebalance.
+        Err(e @ rdkafka::error::KafkaError::MessageConsumption(_)) => {
+            tracing::warn!(error = %e, "consumer error; librdkafka retries");
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.wait() => return Ok(None),
+            }
+            return Ok(Some(Vec::new()));
+        }
+        Err(e) => return Err(unavailable(e)),
     };
     // A rebalance inside that first recv came before the record: the record is ours.
     let epoch = consumer.context().epoch().max(epoch);

@@ -216,6 +216,10 @@ impl Topology {
             ("retention.ms", t.retention_ms.to_string()),
             ("max.message.bytes", t.max_message_bytes.to_string()),
             ("min.insync.replicas", self.min_insync_replicas.to_string()),
+            // An out-of-sync replica must never become leader: it would lack records that
+            // were acknowledged (and so answered 2xx). Kafka's default, pinned against a
+            // cluster-wide override.
+            ("unclean.leader.election.enable", "false".to_string()),
         ])
     }
 }
