@@ -665,7 +665,24 @@ async fn consumer_groups_rebalance_under_load_without_loss_or_double_counting() 
     h.settle_within(Duration::from_secs(120)).await;
     for id in &ids {
         let (status, body) = h.get("acme", &format!("/api/v1/dispatches/{id}")).await;
-        assert_eq!(status, 200, "{id}: {body}");
+        if status != 200 {
+            // Which stage lost it: are its events on the events topic?
+            let (_, events) = h
+                .get(
+                    "acme",
+                    &format!("/api/v1/events?recipient={id}@example.com"),
+                )
+                .await;
+            let (_, dead) = h
+                .admin(reqwest::Method::GET, "/api/admin/dead-letters", None)
+                .await;
+            let s = h.config.kafka_settings().unwrap();
+            panic!(
+                "{id}: {status} {body}; its events on the topic: {events}; dead letters: {dead}; envelopes {} events {}",
+                common::topic_records(&s, &s.topology.topics.envelopes.name),
+                common::topic_records(&s, &s.topology.topics.events.name)
+            );
+        }
         assert_eq!(
             (body["status"].as_str(), body["opens"].as_u64()),
             (Some("Delivered"), Some(1)),

@@ -6,10 +6,15 @@
 //! the fold counts once, and the projection store skips offsets at or below its per-partition
 //! checkpoints (kept with the state, so they are exact even when a commit to Kafka was lost).
 //!
-//! Rebalances are eager (every partition revoked, then assigned afresh from committed offsets):
-//! a batch being collected when one happens is dropped and read again by whoever owns the
-//! partitions now, and a batch being written finishes before the consumer is polled again (the
-//! rebalance runs inside that poll), so two projectors never write one partition at once.
+//! Rebalances are eager (every partition revoked, then assigned afresh). A batch being written
+//! finishes before the consumer is polled again (the rebalance runs inside that poll), so two
+//! members never work on one partition at once, with one exception: records collected for a
+//! batch just before a rebalance inside the collection. The normalizer writes them anyway (at
+//! worst the new owner produces the same events again: duplicates the fold counts once); the
+//! projector keeps only the partitions it still owns (another projector may be writing the
+//! others' rows now), and relies on the store's checkpoints for what it dropped: records are
+//! never dropped on the assumption that Kafka will deliver them again — a partition that stays
+//! with the same member keeps its fetch position, so they would be skipped.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -71,13 +76,18 @@ struct Taken {
     timestamp_ms: Option<i64>,
 }
 
-/// Waits for the next records (up to `max`); `None` on shutdown, an empty batch when a
-/// rebalance happened while collecting (the records will be delivered again).
+/// Records taken for one step, and whether the group rebalanced while they were collected.
+struct Collected {
+    taken: Vec<Taken>,
+    rebalanced: bool,
+}
+
+/// Waits for the next records (up to `max`); `None` on shutdown.
 async fn next_batch(
     consumer: &GroupConsumer,
     max: usize,
     shutdown: &mut Shutdown,
-) -> Result<Option<Vec<Taken>>, LogError> {
+) -> Result<Option<Collected>, LogError> {
     let take = |m: rdkafka::message::BorrowedMessage<'_>| Taken {
         partition: m.partition(),
         offset: m.offset(),
@@ -101,7 +111,10 @@ async fn next_batch(
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                 _ = shutdown.wait() => return Ok(None),
             }
-            return Ok(Some(Vec::new()));
+            return Ok(Some(Collected {
+                taken: Vec::new(),
+                rebalanced: false,
+            }));
         }
         Err(e) => return Err(unavailable(e)),
     };
@@ -116,10 +129,10 @@ async fn next_batch(
             Err(_) => break,
         }
     }
-    if consumer.context().epoch() != epoch {
-        return Ok(Some(Vec::new()));
-    }
-    Ok(Some(out))
+    Ok(Some(Collected {
+        taken: out,
+        rebalanced: consumer.context().epoch() != epoch,
+    }))
 }
 
 /// Commits, per partition, the offset after the last record of `taken`.
@@ -176,7 +189,9 @@ pub async fn run_normalizer(
             let (in_topic, group) = (t.topics.envelopes.name.clone(), t.groups.normalizer.clone());
             let consumer = subscribe(log.settings(), &group, &in_topic)?;
             tracing::info!(topic = %in_topic, %group, "normalizer consuming");
-            while let Some(taken) = next_batch(&consumer, batch_size, &mut shutdown).await? {
+            while let Some(Collected { taken, .. }) =
+                next_batch(&consumer, batch_size, &mut shutdown).await?
+            {
                 if taken.is_empty() {
                     continue;
                 }
@@ -281,7 +296,15 @@ pub async fn run_projector(
             let (topic, group) = (t.topics.events.name.clone(), t.groups.projector.clone());
             let consumer = subscribe(&settings, &group, &topic)?;
             tracing::info!(%topic, %group, "projector consuming");
-            while let Some(taken) = next_batch(&consumer, batch_size, &mut shutdown).await? {
+            while let Some(Collected {
+                mut taken,
+                rebalanced,
+            }) = next_batch(&consumer, batch_size, &mut shutdown).await?
+            {
+                if rebalanced {
+                    let owned = consumer.assignment().map_err(unavailable)?;
+                    taken.retain(|t| owned.find_partition(&topic, t.partition).is_some());
+                }
                 if taken.is_empty() {
                     continue;
                 }
