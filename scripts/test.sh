@@ -67,11 +67,14 @@ if [ -n "$started_kafka" ]; then
 fi
 echo "== analytics consumer (tests/analytics/consume.py) self-check against Kafka"
 tests/analytics/selftest.sh
-echo "== unit, property, end-to-end (embedded and CQL projections) and process tests"
+echo "== unit, property, end-to-end (embedded, CQL projections, Kafka + CQL) and process tests"
 cargo test --locked --all-targets
-echo "== README walk-through (embedded, then projections in CQL)"
+echo "== README walk-through (embedded, then projections in CQL, then the log on Kafka too)"
 BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/walkthrough.sh
 BIN="$CARGO_TARGET_DIR/release/xsender-events" PORT=18081 \
   WALKTHROUGH_CQL_KEYSPACE="xs_walkthrough_$$" scripts/walkthrough.sh
+BIN="$CARGO_TARGET_DIR/release/xsender-events" PORT=18082 XSENDER_KAFKA_BROKERS="$XSENDER_TEST_KAFKA" \
+  WALKTHROUGH_CQL_KEYSPACE="xs_walkthrough_kafka_$$" WALKTHROUGH_KAFKA_NAMESPACE="walkthrough$$." \
+  scripts/walkthrough.sh
 echo "== Helm chart: lint, render both modes, validate against the Kubernetes schemas"
 BIN="$CARGO_TARGET_DIR/release/xsender-events" scripts/check-helm.sh

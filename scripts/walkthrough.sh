@@ -5,6 +5,7 @@
 set -euo pipefail
 BIN=${BIN:-${CARGO_TARGET_DIR:-target}/release/xsender-events}
 PORT=${PORT:-18080}
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
 work=$(mktemp -d)
 trap 'kill "${pid:-}" 2>/dev/null || true; rm -rf "$work"' EXIT
 cd "$work"
@@ -28,7 +29,15 @@ if [ -n "${WALKTHROUGH_CQL_KEYSPACE:-}" ]; then
   store=(--projections cql --cql-keyspace "$WALKTHROUGH_CQL_KEYSPACE")
   "$BIN" migrate --cql-keyspace "$WALKTHROUGH_CQL_KEYSPACE"
 fi
-"$BIN" serve --listen "127.0.0.1:$PORT" "${store[@]}" 2>serve.log &
+# With WALKTHROUGH_KAFKA_NAMESPACE set, the log is on Kafka (XSENDER_KAFKA_BROKERS, default
+# 127.0.0.1:9092; one broker, so topology/local.toml) after `topology apply` creates the topics.
+log=()
+if [ -n "${WALKTHROUGH_KAFKA_NAMESPACE:-}" ]; then
+  log=(--kafka-brokers "${XSENDER_KAFKA_BROKERS:-127.0.0.1:9092}"
+    --kafka-topology "$ROOT/topology/local.toml" --kafka-namespace "$WALKTHROUGH_KAFKA_NAMESPACE")
+  "$BIN" topology apply "${log[@]}"
+fi
+"$BIN" serve --listen "127.0.0.1:$PORT" "${store[@]}" "${log[@]}" 2>serve.log &
 pid=$!
 for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
 
