@@ -535,17 +535,29 @@ pub struct CqlProjections {
     stale_read: std::sync::Mutex<Option<Generation>>,
 }
 
+/// Prepares `cql`, marked idempotent (the driver may retry it) or not; shared by every CQL
+/// store (projections, tenants, replay guard).
+pub(crate) async fn prepare_statement(
+    session: &Session,
+    cql: &str,
+    idempotent: bool,
+) -> Result<PreparedStatement, CqlError> {
+    let mut p = session.prepare(cql).await.map_err(|e| CqlError::Query {
+        what: format!("preparing `{cql}`"),
+        message: e.to_string(),
+    })?;
+    p.set_is_idempotent(idempotent);
+    Ok(p)
+}
+
 async fn prepare(
     session: &Session,
     cql: String,
     idempotent: bool,
 ) -> Result<PreparedStatement, StoreError> {
-    let mut p = session
-        .prepare(cql.as_str())
+    prepare_statement(session, &cql, idempotent)
         .await
-        .map_err(|e| StoreError::Unavailable(format!("preparing `{cql}`: {e}")))?;
-    p.set_is_idempotent(idempotent);
-    Ok(p)
+        .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
 /// A dispatch row as loaded for a batch: the fold's state and the event keys in it.

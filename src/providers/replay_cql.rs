@@ -26,7 +26,7 @@ use scylla::statement::SerialConsistency;
 use scylla::value::{CqlValue, Row};
 
 use super::{replay_id, ReplayGuard, ReplayGuardError};
-use crate::projection::cql::{connect_migrated, CqlError, CqlSettings};
+use crate::projection::cql::{connect_migrated, prepare_statement, CqlError, CqlSettings};
 
 /// Cassandra's (and ScyllaDB's) largest TTL: 20 years.
 const MAX_TTL_SECS: i64 = 630_720_000;
@@ -73,15 +73,8 @@ impl CqlReplayGuard {
         let prepare = |cql: String, idempotent: bool| {
             let session = &session;
             async move {
-                let mut p = session
-                    .prepare(cql.as_str())
-                    .await
-                    .map_err(|e| CqlError::Query {
-                        what: format!("preparing `{cql}`"),
-                        message: e.to_string(),
-                    })?;
+                let mut p = prepare_statement(session, &cql, idempotent).await?;
                 p.set_serial_consistency(Some(SerialConsistency::Serial));
-                p.set_is_idempotent(idempotent);
                 Ok::<_, CqlError>(p)
             }
         };

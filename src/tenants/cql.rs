@@ -7,7 +7,7 @@ use scylla::statement::prepared::PreparedStatement;
 
 use super::store::TenantStore;
 use super::{TenantConfig, TenantError};
-use crate::projection::cql::{connect_migrated, CqlError, CqlSettings};
+use crate::projection::cql::{connect_migrated, prepare_statement, CqlError, CqlSettings};
 
 pub struct CqlTenantStore {
     session: Session,
@@ -27,17 +27,7 @@ impl CqlTenantStore {
         let ks = &settings.keyspace;
         let prepare = |cql: &'static str| {
             let (session, cql) = (&session, cql.replace("{ks}", ks));
-            async move {
-                let mut p = session
-                    .prepare(cql.as_str())
-                    .await
-                    .map_err(|e| CqlError::Query {
-                        what: format!("preparing `{cql}`"),
-                        message: e.to_string(),
-                    })?;
-                p.set_is_idempotent(true);
-                Ok::<_, CqlError>(p)
-            }
+            async move { prepare_statement(session, &cql, true).await }
         };
         Ok(CqlTenantStore {
             load_all: prepare("SELECT id, config FROM {ks}.tenants").await?,
