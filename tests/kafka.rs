@@ -427,6 +427,14 @@ async fn analytics_read_the_topics(registry: Option<&str>) {
     let body = fixture("sendgrid/campaign_batch.json");
     let (status, answer) = h.post_sendgrid("acme", &body).await;
     assert_eq!(status, 200, "{answer}");
+    // Where the envelope landed: partition and offset on the envelopes topic.
+    assert!(
+        answer["partition"]
+            .as_i64()
+            .is_some_and(|p| (0..12).contains(&p)),
+        "{answer}"
+    );
+    assert_eq!(answer["offset"], 0, "the first record of its partition");
     h.settle().await;
     let topics = h.config.kafka_settings().unwrap().topology.topics;
 

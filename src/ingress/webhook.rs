@@ -197,10 +197,15 @@ async fn accept(
         .append_seconds
         .observe(started.elapsed().as_secs_f64());
     match appended {
-        Ok(offset) => Ok(http::json(
-            StatusCode::OK,
-            &serde_json::json!({"status": "accepted", "id": envelope.id, "items": verified.items, "offset": offset}),
-        )),
+        Ok(offset) => Ok(http::json(StatusCode::OK, &{
+            let mut answer = serde_json::json!({"status": "accepted", "id": envelope.id, "items": verified.items});
+            let (partition, offset) = state.envelopes.locate(offset);
+            answer["offset"] = offset.into();
+            if let Some(p) = partition {
+                answer["partition"] = p.into();
+            }
+            answer
+        })),
         Err(e) => {
             tracing::error!(error = %e, provider = provider.name(), "log append failed; answering 503");
             if let Some(claim) = &verified.replay_claim {

@@ -55,6 +55,12 @@ pub struct EventQuery {
 pub trait EnvelopeLog: Send + Sync {
     /// Appends and returns once the envelope is durable.
     async fn append(&self, envelope: &RawEnvelope) -> Result<Offset, LogError>;
+
+    /// Where an appended envelope landed, as the webhook's answer shows it: the partition (on a
+    /// partitioned log) and the offset in it.
+    fn locate(&self, offset: Offset) -> (Option<i32>, i64) {
+        (None, offset)
+    }
 }
 
 #[async_trait]

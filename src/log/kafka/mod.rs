@@ -319,6 +319,11 @@ impl EnvelopeLog for KafkaLog {
             .await?;
         Ok(position(p, o))
     }
+
+    fn locate(&self, offset: Offset) -> (Option<Partition>, i64) {
+        let (p, o) = split_position(offset);
+        (Some(p), o)
+    }
 }
 
 #[async_trait]
