@@ -82,7 +82,10 @@ impl KafkaSettings {
             // half-read batch and resumes from committed positions.
             .set("partition.assignment.strategy", "range")
             .set("session.timeout.ms", "10000")
-            .set("heartbeat.interval.ms", "1000");
+            .set("heartbeat.interval.ms", "1000")
+            // Prefetched records per consumer: 16 MiB keeps a stage busy between fetches
+            // (librdkafka's 64 MiB default per consumer made most of the process's memory).
+            .set("queued.max.messages.kbytes", "16384");
         c
     }
 
@@ -113,7 +116,9 @@ impl KafkaSettings {
             )
             // Webhook bodies up to 16 MiB (the envelopes topic allows 20 MiB).
             .set("message.max.bytes", "20971520")
-            .set("queue.buffering.max.kbytes", "262144");
+            // Records waiting for the broker: a full queue makes a send wait (then 503 past the
+            // produce timeout) instead of growing memory without bound.
+            .set("queue.buffering.max.kbytes", "65536");
         c.create().map_err(unavailable)
     }
 }
