@@ -113,16 +113,17 @@ def load_tables(r, rebuild_target):
     phases = r["phases"]
     base = {p["phase"]: p for p in phases if p["target"] == "baseline"}
     lines.append(
-        "| target | phase | req/s | events/s | vs baseline req/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | generator cores |"
+        "| target | phase | req/s | events/s | vs baseline req/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | generator cores | whole machine cores |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in phases:
         b = base.get(p["phase"]) if p["target"] != "baseline" else None
         vs = f"**{p['requests_per_s'] / b['requests_per_s']:.0%}**" if b and b["requests_per_s"] else ""
         lines.append(
             f"| {p['target']} | {p['phase']} | {p['requests_per_s']:.0f} | {p['events_per_s']:.0f} | {vs} | "
             f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['p999_ms']:.2f} | {p['errors']} | "
-            f"{p['server_cores']:.2f} | {p['client_cores']:.2f} |"
+            f"{p['server_cores']:.2f} | {p['client_cores']:.2f} | "
+            + (f"{p['machine_cores']:.2f} |" if "machine_cores" in p else " |")
         )
     lines.append("")
     vis = [p for p in phases if p.get("visible_samples")]
