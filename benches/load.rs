@@ -74,6 +74,10 @@ struct Args {
     /// phase starts (a backlog left then is reported, and weighs on the next phases).
     #[arg(long, default_value_t = 600)]
     settle_max: u64,
+    /// Seconds of the mix, closed loop and not measured, before the server's phases: warms a
+    /// freshly started server and its backends (a Kafka broker's JIT, consumer group joins).
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
     /// Other processes whose CPU to report per phase, `NAME=PID` (e.g. the Kafka broker).
     #[arg(long)]
     aux_pid: Vec<String>,
@@ -993,6 +997,21 @@ async fn run(args: Args) {
     };
     wait_ready(&server.addr).await;
     let settle_max = Duration::from_secs(args.settle_max);
+    let mix = parse_mix(&args.mix);
+    if args.warmup > 0 {
+        let mut w = run_phase(
+            &traffic,
+            &server,
+            "warmup (not reported)",
+            &mix,
+            args.concurrency,
+            args.warmup as f64,
+            None,
+            false,
+        )
+        .await;
+        settle_after(&traffic, &server, settle_max, &mut w).await;
+    }
     for s in shapes {
         let mut r = run_phase(
             &traffic,
@@ -1008,7 +1027,6 @@ async fn run(args: Args) {
         settle_after(&traffic, &server, settle_max, &mut r).await;
         phases.push(r);
     }
-    let mix = parse_mix(&args.mix);
     let mut peak = run_phase(
         &traffic,
         &server,

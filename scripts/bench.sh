@@ -15,7 +15,8 @@
 #
 # Cluster phase settings: KAFKA_DURATION (s per closed-loop phase, default DURATION),
 # KAFKA_SOAK (s, default 60; QUICK 10), KAFKA_SETTLE (longest wait for the projections to catch
-# up between phases, default 20 s), KAFKA_PERF_SECS (ProducerPerformance's measured part,
+# up between phases, default 20 s), KAFKA_WARMUP (s of unmeasured mix first, for the freshly
+# started broker's JIT and the consumer groups' joins, default 5), KAFKA_PERF_SECS (ProducerPerformance's measured part,
 # default 20 s; QUICK 5), CQL_NODES (default 127.0.0.1:9042). It starts its own Kafka node (own
 # folder, free ports; never the shared one on 9092), a fresh CQL keyspace and topic namespace,
 # and removes all three when it ends, also on failure.
@@ -39,6 +40,7 @@ COMPARE_ARGS=()
 KAFKA="${KAFKA:-1}"
 KAFKA_DURATION="${KAFKA_DURATION:-$DURATION}"
 KAFKA_SETTLE="${KAFKA_SETTLE:-20}"
+KAFKA_WARMUP="${KAFKA_WARMUP:-5}"
 CQL_NODES="${CQL_NODES:-127.0.0.1:9042}"
 if [[ -n "${QUICK:-}" ]]; then
   KAFKA_SOAK="${KAFKA_SOAK:-10}"; KAFKA_PERF_SECS="${KAFKA_PERF_SECS:-5}"
@@ -235,7 +237,7 @@ TOML
   # A hard bound for a failure; the phases themselves are bounded in time.
   timeout 600 cargo bench --bench load -- --target external --url "http://127.0.0.1:$SPORT" \
     --pid "$SPID" "${aux[@]}" --no-baseline --duration "$KAFKA_DURATION" --soak "$KAFKA_SOAK" \
-    --settle-max "$KAFKA_SETTLE" --rebuild-events 0 --out "$OUT/load-kafka.json" 2>&1 \
+    --settle-max "$KAFKA_SETTLE" --warmup "$KAFKA_WARMUP" --rebuild-events 0 --out "$OUT/load-kafka.json" 2>&1 \
     | tee "$OUT/load-kafka.txt"
   kill -0 "$SPID" 2>/dev/null || { echo "serve exited during the run; see $OUT/kafka-serve.log" >&2; exit 1; }
   # Stop the server first: the raw log's rate is measured with the machine to Kafka and its producer.
