@@ -23,11 +23,12 @@
 //! Other backends (Kafka log, CQL store): start them yourself and pass
 //! `--target external --url http://127.0.0.1:PORT --pid PID`, after configuring it with the
 //! tenants file `--write-tenants FILE` writes (the generator's keys are fixed, so the file stays
-//! valid); the same phases then run against that server. `scripts/bench.sh` does this for Kafka
-//! + CQL (its cluster phase), with `--aux-pid kafka=PID --aux-pid cassandra=PID` (their CPU per
-//! phase), `--settle-max` (bounded waits for the projections between phases) and
-//! `--write-payloads FILE` (SendGrid-100 records, sized as ingress writes them to Kafka, for
-//! Kafka's own ProducerPerformance on the same node).
+//! valid); the same phases then run against that server. `scripts/bench.sh` does this for the
+//! Kafka log with CQL projections (its cluster phase), with `--aux-pid kafka=PID --aux-pid
+//! cassandra=PID` (their CPU per phase), `--warmup`, `--settle-max` (bounded waits for the
+//! projections between phases) and `--write-payloads FILE` (SendGrid-100 records, sized as
+//! ingress writes them to Kafka, for Kafka's own ProducerPerformance on the same node).
+//! `--skip-peaks --rate R` runs only the open loop at R requests/s (visibility at a given rate).
 //!
 //! `cargo bench --bench load -- --help`
 
@@ -78,6 +79,10 @@ struct Args {
     /// freshly started server and its backends (a Kafka broker's JIT, consumer group joins).
     #[arg(long, default_value_t = 0)]
     warmup: u64,
+    /// Skip the closed-loop phases (per stream and the mix's peak): only the open loop at
+    /// `--rate` (and the soak), e.g. visibility at a rate the projections can sustain.
+    #[arg(long, requires = "rate")]
+    skip_peaks: bool,
     /// Other processes whose CPU to report per phase, `NAME=PID` (e.g. the Kafka broker).
     #[arg(long)]
     aux_pid: Vec<String>,
@@ -1012,7 +1017,7 @@ async fn run(args: Args) {
         .await;
         settle_after(&traffic, &server, settle_max, &mut w).await;
     }
-    for s in shapes {
+    for s in shapes.into_iter().filter(|_| !args.skip_peaks) {
         let mut r = run_phase(
             &traffic,
             &server,
@@ -1027,27 +1032,36 @@ async fn run(args: Args) {
         settle_after(&traffic, &server, settle_max, &mut r).await;
         phases.push(r);
     }
-    let mut peak = run_phase(
-        &traffic,
-        &server,
-        "mix_peak",
-        &mix,
-        args.concurrency,
-        secs,
-        None,
-        false,
-    )
-    .await;
-    let rate = args
-        .rate
-        .unwrap_or(peak.requests_per_s * args.load_fraction);
-    settle_after(&traffic, &server, settle_max, &mut peak).await;
-    phases.push(peak);
+    let rate = if args.skip_peaks {
+        args.rate.unwrap()
+    } else {
+        let mut peak = run_phase(
+            &traffic,
+            &server,
+            "mix_peak",
+            &mix,
+            args.concurrency,
+            secs,
+            None,
+            false,
+        )
+        .await;
+        let rate = args
+            .rate
+            .unwrap_or(peak.requests_per_s * args.load_fraction);
+        settle_after(&traffic, &server, settle_max, &mut peak).await;
+        phases.push(peak);
+        rate
+    };
     phases.push(
         run_phase(
             &traffic,
             &server,
-            "mix_half_peak",
+            if args.skip_peaks {
+                "mix_at_rate"
+            } else {
+                "mix_half_peak"
+            },
             &mix,
             args.concurrency,
             secs,

@@ -263,13 +263,14 @@ def kafka_tables(k, perf, embedded, machine_txt):
             f"copy of the envelopes topic. {perf['records']:,} records, the first {perf['warmup_records']:,} "
             f"as warm-up, after a {perf['probe']['records']:,}-record JVM warm-up run; `serve` stopped.\n"
         )
-        lines.append("| records/s | MB/s | = SendGrid events/s | avg latency | p99 latency | broker cores | producer cores | whole machine cores |")
-        lines.append("|---|---|---|---|---|---|---|---|")
+        lines.append("| records/s | MB/s | = SendGrid events/s | avg latency | p99 latency | broker cores | producer cores | whole machine cores | rest of the machine |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
         p99 = f"{perf['p99_ms']} ms" if "p99_ms" in perf else ""
         lines.append(
             f"| {perf['records_per_s']:,.0f} | {perf['mb_per_s']:.1f} | {perf['events_per_s']:,.0f} | "
             f"{perf['avg_latency_ms']:.0f} ms | {p99} | {perf['broker_cores']:.2f} | {perf['producer_cores']:.2f} | "
-            f"{perf['machine_cores']:.2f}{steal(perf)} |"
+            f"{perf['machine_cores']:.2f}{steal(perf)} | "
+            f"{perf['machine_cores'] - perf['broker_cores'] - perf['producer_cores']:.2f} |"
         )
         sg = next((p for p in kp if p["phase"] == "sendgrid_100"), None)
         if sg:
