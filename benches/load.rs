@@ -23,7 +23,12 @@
 //! Other backends (Kafka log, CQL store): start them yourself and pass
 //! `--target external --url http://127.0.0.1:PORT --pid PID`, after configuring it with the
 //! tenants file `--write-tenants FILE` writes (the generator's keys are fixed, so the file stays
-//! valid); the same phases then run against that server.
+//! valid); the same phases then run against that server. `scripts/bench.sh` does this for the
+//! Kafka log with CQL projections (its cluster phase), with `--aux-pid kafka=PID --aux-pid
+//! cassandra=PID` (their CPU per phase), `--warmup`, `--settle-max` (bounded waits for the
+//! projections between phases) and `--write-payloads FILE` (SendGrid-100 records, sized as
+//! ingress writes them to Kafka, for Kafka's own ProducerPerformance on the same node).
+//! `--skip-peaks --rate R` runs only the open loop at R requests/s (visibility at a given rate).
 //!
 //! `cargo bench --bench load -- --help`
 
@@ -59,6 +64,28 @@ struct Args {
     /// Write the generator's tenants file (keys included) and exit.
     #[arg(long)]
     write_tenants: Option<PathBuf>,
+    /// Write `--payloads` SendGrid-100 payloads for Kafka's ProducerPerformance (one a line,
+    /// each the size of the Kafka record our ingress writes for that request: Avro envelope +
+    /// key + headers), print their sizes as JSON, and exit.
+    #[arg(long)]
+    write_payloads: Option<PathBuf>,
+    #[arg(long, default_value_t = 64)]
+    payloads: usize,
+    /// Longest wait, after a closed-loop phase, for the projections to catch up before the next
+    /// phase starts (a backlog left then is reported, and weighs on the next phases).
+    #[arg(long, default_value_t = 600)]
+    settle_max: u64,
+    /// Seconds of the mix, closed loop and not measured, before the server's phases: warms a
+    /// freshly started server and its backends (a Kafka broker's JIT, consumer group joins).
+    #[arg(long, default_value_t = 0)]
+    warmup: u64,
+    /// Skip the closed-loop phases (per stream and the mix's peak): only the open loop at
+    /// `--rate` (and the soak), e.g. visibility at a rate the projections can sustain.
+    #[arg(long, requires = "rate")]
+    skip_peaks: bool,
+    /// Other processes whose CPU to report per phase, `NAME=PID` (e.g. the Kafka broker).
+    #[arg(long)]
+    aux_pid: Vec<String>,
     /// Seconds per measured phase.
     #[arg(long, default_value_t = 10)]
     duration: u64,
@@ -386,6 +413,22 @@ struct PhaseResult {
     visible_p99_ms: Option<f64>,
     visible_max_ms: Option<f64>,
     visible_samples: usize,
+    /// The same delay counted from when the request was sent (webhook in → row visible).
+    visible_in_p50_ms: Option<f64>,
+    visible_in_p99_ms: Option<f64>,
+    /// CPU cores of the `--aux-pid` processes, and of the whole machine (every process and the
+    /// kernel, from /proc/stat: user, system, irq, softirq), over the phase; steal (time the
+    /// hypervisor gave to other guests while this one wanted to run) apart.
+    aux_cores: std::collections::BTreeMap<String, f64>,
+    machine_cores: f64,
+    machine_softirq_cores: f64,
+    machine_steal_cores: f64,
+    /// Seconds until the projections caught up after the phase (None: not waited for), and
+    /// whether they did within `--settle-max`.
+    settled_after_s: Option<f64>,
+    settled: Option<bool>,
+    /// Seconds the visibility probe still waited for its samples after the load stopped.
+    probe_wait_s: f64,
     rss_start_mib: Option<f64>,
     rss_end_mib: Option<f64>,
     rss_max_mib: Option<f64>,
@@ -415,6 +458,23 @@ fn cpu_secs(pid: Option<u32>) -> f64 {
     ticks / 100.0 // USER_HZ is 100 on Linux
 }
 
+/// CPU seconds of the whole machine from the first line of /proc/stat: (busy = user, nice,
+/// system, irq, softirq; softirq alone; steal).
+fn machine_busy_secs() -> (f64, f64, f64) {
+    let s = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let f: Vec<f64> = s
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let at = |i: usize| f.get(i).copied().unwrap_or(0.0) / 100.0;
+    (at(0) + at(1) + at(2) + at(5) + at(6), at(6), at(7))
+}
+
 fn status_kib(pid: u32, field: &str) -> Option<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines().find_map(|l| {
@@ -427,6 +487,8 @@ struct Target {
     name: String,
     addr: String,
     pid: Option<u32>,
+    /// `--aux-pid` processes measured beside the server.
+    aux: Vec<(String, u32)>,
     /// Has a read API to probe visibility on.
     probes: bool,
 }
@@ -448,10 +510,13 @@ async fn run_phase(
     let stop = Arc::new(AtomicBool::new(false));
     let start = Instant::now();
     let deadline = start + Duration::from_secs_f64(secs);
-    let visible = Arc::new(Mutex::new(Vec::<f64>::new()));
-    let to_probe = Arc::new(Mutex::new(VecDeque::<(String, Instant)>::new()));
+    // (after the 2xx, since the request was due), in ms; infinite when never visible.
+    let visible = Arc::new(Mutex::new(Vec::<(f64, f64)>::new()));
+    let to_probe = Arc::new(Mutex::new(VecDeque::<(String, Instant, Instant)>::new()));
     let next_probe = Arc::new(AtomicU64::new(0));
     let (cpu0, ccpu0) = (cpu_secs(target.pid), cpu_secs(None));
+    let aux0: Vec<f64> = target.aux.iter().map(|(_, p)| cpu_secs(Some(*p))).collect();
+    let m0 = machine_busy_secs();
     let mut tasks = Vec::new();
     for c in 0..concurrency {
         let (traffic, addr, stop) = (traffic.clone(), target.addr.clone(), stop.clone());
@@ -506,7 +571,10 @@ async fn run_phase(
                                     )
                                     .is_ok()
                             {
-                                to_probe.lock().unwrap().push_back((req.dispatch, done));
+                                to_probe
+                                    .lock()
+                                    .unwrap()
+                                    .push_back((req.dispatch, done, due));
                             }
                         }
                     }
@@ -539,25 +607,25 @@ async fn run_phase(
         let host = traffic.host.clone();
         Some(tokio::spawn(async move {
             let mut conn = Conn::open(&addr).await.ok();
-            let mut pending: Vec<(String, Instant)> = Vec::new();
+            let mut pending: Vec<(String, Instant, Instant)> = Vec::new();
             loop {
                 pending.extend(to_probe.lock().unwrap().drain(..));
                 if pending.is_empty() && stop.load(Ordering::Relaxed) {
                     return;
                 }
                 let mut still = Vec::new();
-                for (d, at) in pending.drain(..) {
+                for (d, at, due) in pending.drain(..) {
                     let Some(c) = conn.as_mut() else { return };
                     let req = format!(
                         "GET /api/v1/dispatches/{d} HTTP/1.1\r\nhost: {host}\r\nauthorization: Bearer {API_TOKEN}\r\n\r\n"
                     );
                     match c.send(req.as_bytes()).await {
-                        Ok((200, _)) => visible
-                            .lock()
-                            .unwrap()
-                            .push(at.elapsed().as_secs_f64() * 1000.0),
-                        Ok(_) if at.elapsed() < Duration::from_secs(30) => still.push((d, at)),
-                        Ok(_) => visible.lock().unwrap().push(f64::INFINITY),
+                        Ok((200, _)) => visible.lock().unwrap().push((
+                            at.elapsed().as_secs_f64() * 1000.0,
+                            due.elapsed().as_secs_f64() * 1000.0,
+                        )),
+                        Ok(_) if at.elapsed() < Duration::from_secs(30) => still.push((d, at, due)),
+                        Ok(_) => visible.lock().unwrap().push((f64::INFINITY, f64::INFINITY)),
                         Err(_) => conn = Conn::open(&addr).await.ok(),
                     }
                 }
@@ -592,18 +660,36 @@ async fn run_phase(
     }
     let wall = start.elapsed().as_secs_f64();
     let (cpu1, ccpu1) = (cpu_secs(target.pid), cpu_secs(None));
+    let aux_cores = target
+        .aux
+        .iter()
+        .zip(aux0)
+        .map(|((n, p), c0)| (n.clone(), (cpu_secs(Some(*p)) - c0) / wall))
+        .collect::<std::collections::BTreeMap<_, _>>();
+    let m1 = machine_busy_secs();
+    let (machine_cores, machine_softirq_cores, machine_steal_cores) = (
+        (m1.0 - m0.0) / wall,
+        (m1.1 - m0.1) / wall,
+        (m1.2 - m0.2) / wall,
+    );
     if let Some(pid) = target.pid {
         rss.push(status_kib(pid, "VmRSS").unwrap_or(0.0) / 1024.0);
     }
     stop.store(true, Ordering::Relaxed);
+    let load_stopped = Instant::now();
     if let Some(p) = prober {
         let _ = tokio::time::timeout(Duration::from_secs(35), p).await;
     }
     all.lat_us.sort_unstable();
-    let mut vis = visible.lock().unwrap().clone();
+    let pairs = visible.lock().unwrap().clone();
+    let mut vis: Vec<f64> = pairs.iter().map(|v| v.0).collect();
+    let mut vis_in: Vec<f64> = pairs.iter().map(|v| v.1).collect();
     vis.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    let vpct =
-        |p: f64| (!vis.is_empty()).then(|| vis[((vis.len() as f64 - 1.0) * p).round() as usize]);
+    vis_in.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let at = |v: &[f64], p: f64| {
+        (!v.is_empty()).then(|| v[((v.len() as f64 - 1.0) * p).round() as usize])
+    };
+    let vpct = |p: f64| at(&vis, p);
     let r = PhaseResult {
         target: target.name.clone(),
         phase: phase.into(),
@@ -622,13 +708,22 @@ async fn run_phase(
         visible_p99_ms: vpct(0.99),
         visible_max_ms: vpct(1.0),
         visible_samples: vis.len(),
+        visible_in_p50_ms: at(&vis_in, 0.5),
+        visible_in_p99_ms: at(&vis_in, 0.99),
+        aux_cores,
+        machine_cores,
+        machine_softirq_cores,
+        machine_steal_cores,
+        settled_after_s: None,
+        settled: None,
+        probe_wait_s: load_stopped.elapsed().as_secs_f64(),
         rss_start_mib: rss.first().copied(),
         rss_end_mib: rss.last().copied(),
         rss_max_mib: rss.iter().copied().reduce(f64::max),
         error_statuses: all.statuses,
     };
     println!(
-        "{:<9} {:<22} {:>9.0} req/s {:>10.0} ev/s  p50 {:>7.2} p99 {:>7.2} p99.9 {:>7.2} ms  errors {:<4} server {:.2} cores, client {:.2}{}{}",
+        "{:<9} {:<22} {:>9.0} req/s {:>10.0} ev/s  p50 {:>7.2} p99 {:>7.2} p99.9 {:>7.2} ms  errors {:<4} server {:.2} cores, client {:.2}{}, machine {:.2} (softirq {:.2}, steal {:.2}){}{}",
         r.target,
         r.phase,
         r.requests_per_s,
@@ -639,6 +734,13 @@ async fn run_phase(
         r.errors,
         r.server_cores,
         r.client_cores,
+        r.aux_cores
+            .iter()
+            .map(|(n, c)| format!(", {n} {c:.2}"))
+            .collect::<String>(),
+        r.machine_cores,
+        r.machine_softirq_cores,
+        r.machine_steal_cores,
         r.visible_p99_ms
             .map(|v| format!("  visible p50 {:.0} p99 {:.0} max {:.0} ms (n={})", r.visible_p50_ms.unwrap(), v, r.visible_max_ms.unwrap(), r.visible_samples))
             .unwrap_or_default(),
@@ -714,8 +816,9 @@ fn spawn_server(args: &Args, dir: &Path, tenants: &Path, port: u16) -> Child {
     Child { child }
 }
 
-/// Waits until the projector has caught up: the last request's dispatch is readable.
-async fn settle(traffic: &Traffic, target: &Target, shape: Shape) -> f64 {
+/// Waits until the projector has caught up (the last request's dispatch is readable), at most
+/// `max`: (seconds waited, caught up).
+async fn settle(traffic: &Traffic, target: &Target, shape: Shape, max: Duration) -> (f64, bool) {
     let start = Instant::now();
     let mut c = Conn::open(&target.addr).await.unwrap();
     let req = traffic.next(shape);
@@ -725,13 +828,27 @@ async fn settle(traffic: &Traffic, target: &Target, shape: Shape) -> f64 {
         "GET /api/v1/dispatches/{} HTTP/1.1\r\nhost: {}\r\nauthorization: Bearer {API_TOKEN}\r\n\r\n",
         req.dispatch, traffic.host
     );
-    while start.elapsed() < Duration::from_secs(600) {
+    while start.elapsed() < max {
         if let Ok((200, _)) = c.send(get.as_bytes()).await {
-            break;
+            return (start.elapsed().as_secs_f64(), true);
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    start.elapsed().as_secs_f64()
+    (start.elapsed().as_secs_f64(), false)
+}
+
+/// Settles after `r`'s phase and records how long it took.
+async fn settle_after(traffic: &Traffic, target: &Target, max: Duration, r: &mut PhaseResult) {
+    let (t, ok) = settle(traffic, target, Shape::Mailgun, max).await;
+    // Counted from the end of the load, including the visibility probe's wait for its samples.
+    let t = t + r.probe_wait_s;
+    if ok {
+        println!("          (projections caught up {t:.1}s after the load stopped)");
+    } else {
+        println!("          (projections NOT caught up {t:.0}s after the load stopped: the next phase starts with a backlog)");
+    }
+    r.settled_after_s = Some(t);
+    r.settled = Some(ok);
 }
 
 // ------------------------------------------------------------------ main
@@ -803,6 +920,10 @@ async fn run(args: Args) {
         println!("wrote {}", p.display());
         return;
     }
+    if let Some(p) = &args.write_payloads {
+        write_payloads(&traffic, p, args.payloads);
+        return;
+    }
     let tenants = dir.join("tenants.toml");
     std::fs::write(&tenants, traffic.tenants_toml()).unwrap();
 
@@ -839,6 +960,7 @@ async fn run(args: Args) {
             name: "baseline".into(),
             addr: format!("127.0.0.1:{bport}"),
             pid: Some(child.child.id()),
+            aux: Vec::new(),
             probes: false,
         };
         wait_ready_any(&b.addr).await;
@@ -868,48 +990,78 @@ async fn run(args: Args) {
         name: args.target.clone(),
         addr: addr.clone(),
         pid: child.as_ref().map(|c| c.child.id()).or(ext_pid),
+        aux: args
+            .aux_pid
+            .iter()
+            .map(|a| {
+                let (n, p) = a.split_once('=').expect("--aux-pid NAME=PID");
+                (n.to_string(), p.parse().expect("--aux-pid NAME=PID"))
+            })
+            .collect(),
         probes: true,
     };
     wait_ready(&server.addr).await;
-    for s in shapes {
-        phases.push(
-            run_phase(
-                &traffic,
-                &server,
-                &s.name(),
-                &[s],
-                args.concurrency,
-                secs,
-                None,
-                false,
-            )
-            .await,
-        );
-        let t = settle(&traffic, &server, Shape::Mailgun).await;
-        println!("          (projections caught up {t:.1}s after the phase)");
-    }
+    let settle_max = Duration::from_secs(args.settle_max);
     let mix = parse_mix(&args.mix);
-    let peak = run_phase(
-        &traffic,
-        &server,
-        "mix_peak",
-        &mix,
-        args.concurrency,
-        secs,
-        None,
-        false,
-    )
-    .await;
-    let rate = args
-        .rate
-        .unwrap_or(peak.requests_per_s * args.load_fraction);
-    phases.push(peak);
-    settle(&traffic, &server, Shape::Mailgun).await;
+    if args.warmup > 0 {
+        let mut w = run_phase(
+            &traffic,
+            &server,
+            "warmup (not reported)",
+            &mix,
+            args.concurrency,
+            args.warmup as f64,
+            None,
+            false,
+        )
+        .await;
+        settle_after(&traffic, &server, settle_max, &mut w).await;
+    }
+    for s in shapes.into_iter().filter(|_| !args.skip_peaks) {
+        let mut r = run_phase(
+            &traffic,
+            &server,
+            &s.name(),
+            &[s],
+            args.concurrency,
+            secs,
+            None,
+            false,
+        )
+        .await;
+        settle_after(&traffic, &server, settle_max, &mut r).await;
+        phases.push(r);
+    }
+    let rate = if args.skip_peaks {
+        args.rate.unwrap()
+    } else {
+        let mut peak = run_phase(
+            &traffic,
+            &server,
+            "mix_peak",
+            &mix,
+            args.concurrency,
+            secs,
+            None,
+            false,
+        )
+        .await;
+        let rate = args
+            .rate
+            .unwrap_or(peak.requests_per_s * args.load_fraction);
+        settle_after(&traffic, &server, settle_max, &mut peak).await;
+        phases.push(peak);
+        rate
+    };
     phases.push(
         run_phase(
             &traffic,
             &server,
-            "mix_half_peak",
+            if args.skip_peaks {
+                "mix_at_rate"
+            } else {
+                "mix_half_peak"
+            },
             &mix,
             args.concurrency,
             secs,
@@ -953,6 +1105,7 @@ async fn run(args: Args) {
             name: "embedded".into(),
             addr: format!("127.0.0.1:{rport}"),
             pid: Some(child.child.id()),
+            aux: Vec::new(),
             probes: true,
         };
         wait_ready(&rserver.addr).await;
@@ -974,6 +1127,64 @@ async fn run(args: Args) {
         std::fs::write(out, serde_json::to_vec_pretty(&report).unwrap()).unwrap();
         println!("results: {}", out.display());
     }
+}
+
+/// `n` payloads for Kafka's ProducerPerformance, one a line: each a SendGrid-100 body from the
+/// generator (line breaks turned into spaces) padded to the size of the Kafka record ingress
+/// writes for that request, i.e. the Avro `RawEnvelope` value (encoded by the server's own
+/// `Wire`, tracing off as in these runs) plus its key (the 32-hex-digit envelope id) and
+/// headers. ProducerPerformance sends values only (and integer keys), so the value carries the
+/// key's and headers' bytes too. Prints the sizes as JSON.
+fn write_payloads(traffic: &Traffic, path: &Path, n: usize) {
+    use rdkafka::message::Headers;
+    use xsender_events::event::RawEnvelope;
+    let wire = xsender_events::log::kafka::wire::Wire::plain();
+    let mut out = Vec::new();
+    let (mut body_sum, mut value_sum, mut record_sum, mut header_bytes) =
+        (0usize, 0usize, 0usize, 0usize);
+    for _ in 0..n {
+        let req = traffic.next(Shape::SendGrid(100));
+        let split = find(&req.bytes, b"\r\n\r\n").unwrap() + 4;
+        let body = &req.bytes[split..];
+        let envelope = RawEnvelope {
+            trace_parent: None,
+            id: hex::encode(rand::random::<[u8; 16]>()),
+            provider: "sendgrid".into(),
+            received_at_ms: chrono::Utc::now().timestamp_millis(),
+            verified_tenants: vec![TENANT.into()],
+            default_tenant: Some(TENANT.into()),
+            content_type: Some("application/json".into()),
+            body: body.to_vec(),
+        };
+        let (value, headers) = wire.encode_envelope(&envelope);
+        header_bytes = headers
+            .iter()
+            .map(|h| h.key.len() + h.value.map_or(0, |v| v.len()))
+            .sum();
+        let record = envelope.id.len() + value.len() + header_bytes;
+        let mut line: Vec<u8> = body
+            .iter()
+            .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b })
+            .collect();
+        let pad = format!(" {} sendgrid {TENANT} application/json ", envelope.id);
+        while line.len() < record {
+            line.push(pad.as_bytes()[line.len() % pad.len()]);
+        }
+        line.truncate(record);
+        out.extend_from_slice(&line);
+        out.push(b'\n');
+        body_sum += body.len();
+        value_sum += value.len();
+        record_sum += record;
+    }
+    std::fs::write(path, out).unwrap();
+    let mean = |x: usize| x as f64 / n as f64;
+    println!(
+        "{}",
+        json!({"payloads": n, "events_per_record": 100, "body_bytes": mean(body_sum),
+               "avro_value_bytes": mean(value_sum), "key_bytes": 32, "header_bytes": header_bytes,
+               "record_bytes": mean(record_sum), "file": path})
+    );
 }
 
 async fn wait_ready_any(addr: &str) {

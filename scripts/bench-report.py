@@ -4,6 +4,7 @@ bound it, measured in the same run) and, if given, the load harness's JSON (each
 the baseline HTTP handler's on the same request stream).
 
     scripts/bench-report.py [--criterion DIR] [--load FILE.json] [--rebuild-target-s 20]
+        [--kafka-load FILE.json --kafka-perf FILE.json [--kafka-machine FILE.txt]]
 
 DIR defaults to $CARGO_TARGET_DIR/criterion. Only ratios between figures of one run mean
 anything on a shared machine; absolute numbers are printed for scale.
@@ -112,16 +113,17 @@ def load_tables(r, rebuild_target):
     phases = r["phases"]
     base = {p["phase"]: p for p in phases if p["target"] == "baseline"}
     lines.append(
-        "| target | phase | req/s | events/s | vs baseline req/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | generator cores |"
+        "| target | phase | req/s | events/s | vs baseline req/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | generator cores | whole machine cores |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in phases:
         b = base.get(p["phase"]) if p["target"] != "baseline" else None
         vs = f"**{p['requests_per_s'] / b['requests_per_s']:.0%}**" if b and b["requests_per_s"] else ""
         lines.append(
             f"| {p['target']} | {p['phase']} | {p['requests_per_s']:.0f} | {p['events_per_s']:.0f} | {vs} | "
             f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['p999_ms']:.2f} | {p['errors']} | "
-            f"{p['server_cores']:.2f} | {p['client_cores']:.2f} |"
+            f"{p['server_cores']:.2f} | {p['client_cores']:.2f} | "
+            + (f"{p['machine_cores']:.2f} |" if "machine_cores" in p else " |")
         )
     lines.append("")
     vis = [p for p in phases if p.get("visible_samples")]
@@ -185,6 +187,103 @@ def before_after(before, after):
     return "\n".join(lines)
 
 
+def kafka_tables(k, perf, embedded, machine_txt):
+    """The cluster backend (Kafka log + CQL projections) beside the embedded run, and the
+    SendGrid-100 rate beside Kafka's own ProducerPerformance on the same node."""
+    lines = ["### Cluster backend: Kafka log + CQL projections (same run, private Kafka node)\n"]
+    if machine_txt:
+        lines += ["```", machine_txt.strip(), "```", ""]
+    kp = [p for p in k["phases"] if p["target"] != "baseline"]
+    emb = {p["phase"]: p for p in (embedded or {}).get("phases", []) if p["target"] == "embedded"}
+    base = {p["phase"]: p for p in (embedded or {}).get("phases", []) if p["target"] == "baseline"}
+    ms = lambda v: "not visible within 30 s" if v is None else f"{v:.0f} ms"
+    if emb:
+        lines.append("Beside the embedded default (same `scripts/bench.sh` run, minutes apart):\n")
+        lines.append("| phase | embedded events/s | Kafka + CQL events/s | Kafka ÷ embedded | Kafka vs baseline req/s "
+                     "| p99 ms embedded → Kafka | visible p50 / p99 embedded | visible p50 / p99 Kafka |")
+        lines.append("|---|---|---|---|---|---|---|---|")
+        for p in kp:
+            e, b = emb.get(p["phase"]), base.get(p["phase"])
+            ratio = f"**{p['events_per_s'] / e['events_per_s']:.2f}×**" if e and e["events_per_s"] else ""
+            vsb = f"{p['requests_per_s'] / b['requests_per_s']:.0%}" if b and b["requests_per_s"] else ""
+            ev = lambda x: f"{ms(x['visible_p50_ms'])} / {ms(x['visible_p99_ms'])}" if x and x.get("visible_samples") else ""
+            lines.append(
+                f"| {p['phase']} | {e['events_per_s']:.0f} | {p['events_per_s']:.0f} | {ratio} | {vsb} | "
+                f"{e['p99_ms']:.1f} → {p['p99_ms']:.1f} | {ev(e)} | {ev(p)} |" if e else
+                f"| {p['phase']} |  | {p['events_per_s']:.0f} |  | {vsb} | {p['p99_ms']:.1f} |  | {ev(p)} |")
+        lines.append("")
+    steal = lambda p: f" (+{p['machine_steal_cores']:.2f} steal)" if p.get("machine_steal_cores", 0) >= 0.01 else ""
+    # Busy cores not ours: other tenants' processes, and kernel work not charged to a process.
+    rest = lambda p: p.get("machine_cores", 0) - p["server_cores"] - p["client_cores"] - sum(p.get("aux_cores", {}).values())
+    aux_names = sorted({n for p in kp for n in p.get("aux_cores", {})})
+    lines.append("| phase | req/s | events/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | "
+                 + "".join(f"{n} cores | " for n in aux_names)
+                 + "generator cores | whole machine cores | rest of the machine | projections caught up, after the load stopped |")
+    lines.append("|---" * (12 + len(aux_names)) + "|")
+    for p in kp:
+        settled = p.get("settled_after_s")
+        st = "" if settled is None else (f"{settled:.1f} s" if p.get("settled") else f"not within {settled:.0f} s")
+        lines.append(
+            f"| {p['phase']} | {p['requests_per_s']:.0f} | {p['events_per_s']:.0f} | {p['p50_ms']:.2f} | "
+            f"{p['p99_ms']:.2f} | {p['p999_ms']:.2f} | {p['errors']} | {p['server_cores']:.2f} | "
+            + "".join(f"{p.get('aux_cores', {}).get(n, 0):.2f} | " for n in aux_names)
+            + f"{p['client_cores']:.2f} | {p.get('machine_cores', 0):.2f}{steal(p)} | {rest(p):.2f} | {st} |"
+        )
+    lines.append("")
+    vis = [p for p in kp if p.get("visible_samples")]
+    if vis:
+        lines.append("| Kafka + CQL phase | visible in read API after the 2xx: p50 | p99 | max | "
+                     "from the webhook's send (due) time: p50 | p99 | samples |")
+        lines.append("|---|---|---|---|---|---|---|")
+        for p in vis:
+            lines.append(
+                f"| {p['phase']} | {ms(p['visible_p50_ms'])} | {ms(p['visible_p99_ms'])} | {ms(p['visible_max_ms'])} | "
+                f"{ms(p.get('visible_in_p50_ms'))} | {ms(p.get('visible_in_p99_ms'))} | {p['visible_samples']} |"
+            )
+        lines.append("")
+    for p in kp:
+        if p["phase"] == "mix_soak":
+            lines.append(
+                f"Soak on Kafka + CQL ({p['seconds']:.0f} s at {p['requests_per_s']:.0f} req/s): `serve` RSS "
+                f"{p['rss_start_mib']:.0f} MiB at start, {p['rss_end_mib']:.0f} MiB at end, max "
+                f"{p['rss_max_mib']:.0f} MiB."
+            )
+    if k.get("server_vm_hwm_mib") is not None:
+        lines.append(f"`serve` peak RSS over the cluster run (VmHWM): **{k['server_vm_hwm_mib']:.0f} MiB** "
+                     "(the Kafka broker and Cassandra are separate processes).")
+    lines.append("")
+    if perf:
+        lines.append("#### The log's limit: Kafka's ProducerPerformance on the same node, same run\n")
+        lines.append(
+            f"Records of **{perf['record_bytes']:,.0f} B**: the Kafka record ingress writes for a SendGrid "
+            f"batch of 100 (Avro `RawEnvelope` {perf['avro_value_bytes']:,.0f} B around a "
+            f"{perf['body_bytes']:,.0f} B body, plus key and headers), payloads cut from the generator's "
+            f"own bodies so they compress like ours; producer settings as `src/log/kafka/mod.rs` "
+            f"`producer()`: `{' '.join(perf['producer_props'])}`; random keys over the 12 partitions of a "
+            f"copy of the envelopes topic. {perf['records']:,} records, the first {perf['warmup_records']:,} "
+            f"as warm-up, after a {perf['probe']['records']:,}-record JVM warm-up run; `serve` stopped.\n"
+        )
+        lines.append("| records/s | MB/s | = SendGrid events/s | avg latency | p99 latency | broker cores | producer cores | whole machine cores | rest of the machine |")
+        lines.append("|---|---|---|---|---|---|---|---|---|")
+        p99 = f"{perf['p99_ms']} ms" if "p99_ms" in perf else ""
+        lines.append(
+            f"| {perf['records_per_s']:,.0f} | {perf['mb_per_s']:.1f} | {perf['events_per_s']:,.0f} | "
+            f"{perf['avg_latency_ms']:.0f} ms | {p99} | {perf['broker_cores']:.2f} | {perf['producer_cores']:.2f} | "
+            f"{perf['machine_cores']:.2f}{steal(perf)} | "
+            f"{perf['machine_cores'] - perf['broker_cores'] - perf['producer_cores']:.2f} |"
+        )
+        sg = next((p for p in kp if p["phase"] == "sendgrid_100"), None)
+        if sg:
+            raw = perf["records_per_s"] * perf["events_per_record"]
+            lines.append(
+                f"\nSendGrid-100 events/s accepted on Kafka ÷ (ProducerPerformance records/s × "
+                f"{perf['events_per_record']} events per record) = {sg['events_per_s']:,.0f} ÷ {raw:,.0f} = "
+                f"**{sg['events_per_s'] / raw:.0%}** (target ≥ 50 %)."
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     target = os.environ.get("CARGO_TARGET_DIR", "target")
@@ -193,6 +292,9 @@ def main():
     ap.add_argument("--rebuild-target-s", default=20)
     ap.add_argument("--load-before", help="load JSON of an older binary (same session)")
     ap.add_argument("--load-after", help="load JSON of this build, run right after --load-before")
+    ap.add_argument("--kafka-load", help="load JSON of the run against Kafka + CQL")
+    ap.add_argument("--kafka-perf", help="ProducerPerformance JSON (same node, same run)")
+    ap.add_argument("--kafka-machine", help="load averages around the cluster phase")
     a = ap.parse_args()
     out = []
     root = Path(a.criterion)
@@ -205,6 +307,13 @@ def main():
     if a.load_before and a.load_after:
         out.append(before_after(json.loads(Path(a.load_before).read_text()),
                                 json.loads(Path(a.load_after).read_text())))
+    if a.kafka_load:
+        out.append(kafka_tables(
+            json.loads(Path(a.kafka_load).read_text()),
+            json.loads(Path(a.kafka_perf).read_text()) if a.kafka_perf else None,
+            json.loads(Path(a.load).read_text()) if a.load else None,
+            Path(a.kafka_machine).read_text() if a.kafka_machine else None,
+        ))
     print("\n".join(out))
 
 
