@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{free_port, now_secs, spawn_server_with_env, wait_until, SendGridSigner};
+use common::{free_port, spawn_server_with_env, wait_until, SendGridSigner};
 
 #[derive(Debug, Default, Clone)]
 struct Span {
@@ -95,18 +95,8 @@ async fn one_webhook_is_one_trace_across_all_three_stages() {
     .await;
     let body = br#"[{"email":"a@example.com","timestamp":1764750000,"event":"delivered","sg_message_id":"T1.filter","xs_campaign":"c","xs_dispatch":"traced"},
 {"email":"a@example.com","timestamp":1764750060,"event":"open","sg_message_id":"T1.filter","xs_campaign":"c","xs_dispatch":"traced"}]"#;
-    let ts = now_secs().to_string();
     let http = reqwest::Client::new();
-    let r = http
-        .post(format!("{base}/api/webhook/email/sendgrid"))
-        .header("content-type", "application/json")
-        .header("x-twilio-email-event-webhook-timestamp", &ts)
-        .header(
-            "x-twilio-email-event-webhook-signature",
-            signer.sign(&ts, body),
-        )
-        .body(body.to_vec())
-        .send()
+    let r = common::send_sendgrid(&http, &base, &signer, body.to_vec())
         .await
         .unwrap();
     assert_eq!(r.status(), 200);

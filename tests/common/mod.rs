@@ -346,17 +346,8 @@ impl Harness {
         timestamp: i64,
         body: &[u8],
     ) -> (u16, Value) {
-        let ts = timestamp.to_string();
-        let r = self
-            .http
-            .post(format!("{}{}", self.base, path))
-            .header("content-type", "application/json")
-            .header("x-twilio-email-event-webhook-timestamp", &ts)
-            .header(
-                "x-twilio-email-event-webhook-signature",
-                signer.sign(&ts, body),
-            )
-            .body(body.to_vec())
+        let url = format!("{}{}", self.base, path);
+        let r = signed_sendgrid(&self.http, &url, signer, timestamp, body.to_vec())
             .send()
             .await
             .unwrap();
@@ -831,17 +822,34 @@ pub async fn send_sendgrid(
     http: &reqwest::Client,
     base: &str,
     signer: &SendGridSigner,
-    body: String,
+    body: impl Into<Vec<u8>>,
 ) -> reqwest::Result<reqwest::Response> {
-    let ts = now_secs().to_string();
-    http.post(format!("{base}/api/webhook/email/sendgrid"))
+    signed_sendgrid(
+        http,
+        &format!("{base}/api/webhook/email/sendgrid"),
+        signer,
+        now_secs(),
+        body.into(),
+    )
+    .send()
+    .await
+}
+
+/// A POST of `body` to `url` with SendGrid's signature headers for `timestamp`.
+pub fn signed_sendgrid(
+    http: &reqwest::Client,
+    url: &str,
+    signer: &SendGridSigner,
+    timestamp: i64,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
+    let ts = timestamp.to_string();
+    http.post(url)
         .header("content-type", "application/json")
         .header("x-twilio-email-event-webhook-timestamp", &ts)
         .header(
             "x-twilio-email-event-webhook-signature",
-            signer.sign(&ts, body.as_bytes()),
+            signer.sign(&ts, &body),
         )
         .body(body)
-        .send()
-        .await
 }
