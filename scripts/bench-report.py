@@ -88,6 +88,8 @@ def criterion_tables(c):
     lines.append("| bench | time/iter | rate | compared with | its time | ratio |")
     lines.append("|---|---|---|---|---|---|")
     pairs = [
+        ("sendgrid/primitive_ecdsa_p256_verify", "RustCrypto `p256` verify (same message)", "sendgrid/reference_p256_rustcrypto_verify"),
+        ("ses/primitive_rsa2048_verify", "RustCrypto `rsa` verify (same string)", "ses/reference_rsa2048_rustcrypto_verify"),
         ("avro/encode_event/1000", "apache-avro encode (same records)", "avro/apache_encode_event/1000"),
         ("avro/decode_event/1000", "apache-avro decode (same bytes)", "avro/apache_decode_event/1000"),
         ("fold/apply/1000", "Avro encode of the same events", "fold/primitive_avro_encode/1000"),
