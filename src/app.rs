@@ -157,6 +157,7 @@ fn kafka_settings(cfg: &ServeConfig) -> anyhow::Result<KafkaSettings> {
 
 /// Refuses a cluster whose topics are missing or differ from the topology.
 async fn check_topology(settings: &KafkaSettings, cfg: &ServeConfig) -> anyhow::Result<()> {
+    settings.topology.check_body_limit(cfg.max_body_bytes)?;
     let admin = Admin::connect(&settings.client_config(), Duration::from_secs(10))?;
     let drift = admin.drift(&settings.topology).await?;
     if !drift.is_empty() {

@@ -719,7 +719,37 @@ async fn rebuild_while_serving_gives_identical_rows(backend: Backend) {
     );
 }
 
+/// An event bigger than a typical broker's 1 MiB record limit (a click on a URL of 1.5 MiB,
+/// within SendGrid's body limit) is projected like any other, and the pipeline goes on.
+async fn an_event_of_megabytes_is_projected_and_the_pipeline_goes_on(backend: Backend) {
+    let h = backend.start(acme()).await;
+    let url = format!("https://example.com/?q={}", "x".repeat(1536 * 1024));
+    let big = format!(
+        r#"[{{"email":"big@example.com","timestamp":1764750090,"event":"click","url":"{url}","sg_message_id":"BIG.filter","xs_campaign":"camp-1","xs_dispatch":"big"}}]"#
+    );
+    let (status, body) = h.post_sendgrid("acme", big.as_bytes()).await;
+    assert_eq!(status, 200, "{body}");
+    let after = r#"[{"email":"next@example.com","timestamp":1764750100,"event":"delivered","sg_message_id":"NEXT.filter","xs_campaign":"camp-1","xs_dispatch":"next"}]"#;
+    assert_eq!(h.post_sendgrid("acme", after.as_bytes()).await.0, 200);
+    h.settle().await;
+    let (status, row) = h.get("acme", "/api/v1/dispatches/big").await;
+    assert_eq!(status, 200);
+    assert_eq!(row["clicks"], 1);
+    assert_eq!(
+        row["last_click_url"].as_str().map(str::len),
+        Some(url.len()),
+        "the whole URL is kept"
+    );
+    let (status, row) = h.get("acme", "/api/v1/dispatches/next").await;
+    assert_eq!((status, row["status"].as_str()), (200, Some("Delivered")));
+    let (_, dead) = h
+        .admin(reqwest::Method::GET, "/api/admin/dead-letters", None)
+        .await;
+    assert_eq!(dead["items"].as_array().map(Vec::len), Some(0), "{dead}");
+}
+
 backend_tests!(
+    an_event_of_megabytes_is_projected_and_the_pipeline_goes_on,
     signed_batch_projects_the_published_effects,
     duplicates_and_reordering_give_the_same_rows,
     rejections_are_explained_and_write_nothing,

@@ -125,7 +125,12 @@ async fn next_batch(
     while out.len() < max {
         match tokio::time::timeout(Duration::from_millis(2), consumer.recv()).await {
             Ok(Ok(m)) => out.push(take(m)),
-            Ok(Err(e)) => return Err(unavailable(e)),
+            // What was collected is good: process it, and let the next step meet the error
+            // (a passing one is retried by librdkafka; restarting would cost a rebalance).
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, "consumer error while collecting a batch");
+                break;
+            }
             Err(_) => break,
         }
     }
@@ -240,12 +245,22 @@ async fn normalize_batch(
     batch
         .dead_letters
         .extend(undecodable.into_iter().map(|d| (0, d)));
-    let tally = Normalizer::tally(&batch);
     let mut sends = Vec::with_capacity(batch.events.len() + batch.dead_letters.len());
-    for (_, e) in &batch.events {
-        let (value, headers) = log.wire().encode_event(e);
-        sends.push((topics.events.name.as_str(), event_key(e), value, headers));
+    let mut too_large = Vec::new();
+    for (o, e) in std::mem::take(&mut batch.events) {
+        let (value, headers) = log.wire().encode_event(&e);
+        let key = event_key(&e);
+        // The broker would refuse it on every retry and stall the partition behind it for
+        // good: kept as a dead letter (the whole event, on a topic that takes whole bodies).
+        if !fits(topics.events.max_message_bytes, &key, &value) {
+            too_large.push((o, oversized_event(&e, value.len(), topics)));
+            continue;
+        }
+        sends.push((topics.events.name.as_str(), key, value, headers));
+        batch.events.push((o, e));
     }
+    batch.dead_letters.extend(too_large);
+    let tally = Normalizer::tally(&batch);
     for (_, d) in &batch.dead_letters {
         tracing::warn!(provider = %d.provider, reason = %d.reason, envelope = %d.envelope_id, "dead letter");
         let value = serde_json::to_vec(d).map_err(unavailable)?;
@@ -270,6 +285,38 @@ async fn normalize_batch(
     .await?;
     normalizer.count(tally);
     Ok(())
+}
+
+/// Room for a record's headers and framing beside its key and value (the fingerprint headers
+/// take ~100 bytes).
+const RECORD_OVERHEAD: usize = 1024;
+
+/// Whether a record of `key` and `value` is within a topic's `max.message.bytes`.
+fn fits(max_message_bytes: i64, key: &[u8], value: &[u8]) -> bool {
+    (key.len() + value.len() + RECORD_OVERHEAD) as i64 <= max_message_bytes
+}
+
+/// The dead letter of an event too large for the events topic.
+fn oversized_event(
+    e: &DeliveryEvent,
+    encoded: usize,
+    topics: &crate::log::kafka::topology::Topics,
+) -> DeadLetter {
+    DeadLetter {
+        envelope_id: e.envelope_id.clone(),
+        provider: e.provider.clone(),
+        reason: "event_too_large".into(),
+        detail: format!(
+            "the {} event for {} encodes to {encoded} bytes, over the {} bytes {} takes \
+             (max_message_bytes in the topology); raise it there and run `xsender-events topology apply`",
+            e.kind.as_str(),
+            e.dispatch_key,
+            topics.events.max_message_bytes,
+            topics.events.name,
+        ),
+        item: serde_json::to_string(e).unwrap_or_default(),
+        received_at_ms: e.received_at_ms,
+    }
 }
 
 /// The events topic's key: tenant and dispatch key, so one partition owns each dispatch row.
@@ -366,4 +413,63 @@ fn decode_events(
     Ok(Batch {
         parts: parts.into_iter().collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::log::kafka::Topology;
+
+    #[test]
+    fn a_record_fits_up_to_the_topic_limit_with_room_for_headers() {
+        let limit = 1_048_576;
+        let key = b"acme\0d:1".to_vec();
+        let just = vec![0u8; limit as usize - key.len() - RECORD_OVERHEAD];
+        assert!(fits(limit, &key, &just));
+        assert!(!fits(limit, &key, &[just.as_slice(), b"x"].concat()));
+    }
+
+    #[test]
+    fn an_oversized_event_becomes_a_dead_letter_naming_the_limit_and_the_fix() {
+        let topics = Topology::built_in().topics;
+        let e = DeliveryEvent {
+            event_key: "k".into(),
+            tenant: "acme".into(),
+            provider: "sendgrid".into(),
+            kind: crate::event::EventKind::Clicked,
+            dispatch_key: "d:big".into(),
+            dispatch_id: Some("big".into()),
+            campaign_id: None,
+            message_id: None,
+            recipient: "a@example.com".into(),
+            occurred_at_ms: 1,
+            received_at_ms: 2,
+            envelope_id: "env-9".into(),
+            provider_event: "click".into(),
+            provider_event_id: None,
+            bounce_class: None,
+            reason: None,
+            smtp_status: None,
+            url: Some("https://example.com/".into()),
+            user_agent: None,
+            ip: None,
+            machine: false,
+            group_id: None,
+            trace_parent: None,
+        };
+        let d = oversized_event(&e, 30_000_000, &topics);
+        assert_eq!(
+            (d.reason.as_str(), d.envelope_id.as_str(), d.provider.as_str()),
+            ("event_too_large", "env-9", "sendgrid")
+        );
+        assert!(
+            d.detail.contains("30000000")
+                && d.detail.contains(&topics.events.max_message_bytes.to_string())
+                && d.detail.contains("topology apply"),
+            "{}",
+            d.detail
+        );
+        let back: DeliveryEvent = serde_json::from_str(&d.item).unwrap();
+        assert_eq!(back, e, "the whole event is kept");
+    }
 }

@@ -22,15 +22,21 @@ pub struct Topology {
     pub replication_factor: i32,
     /// Replicas that must have a record before it is acknowledged (acks=all).
     pub min_insync_replicas: i32,
+    /// The three topics of the pipeline.
     pub topics: Topics,
+    /// The consumer groups the stages join.
     pub groups: Groups,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Topics {
+    /// Verified raw webhook requests, written by ingress, read by the normalizer.
     pub envelopes: TopicSpec,
+    /// Normalized delivery events, written by the normalizer, read by the projector and
+    /// analytics; the source of truth that projections are rebuilt from.
     pub events: TopicSpec,
+    /// Items the normalizer could not turn into events, with their reasons.
     pub dead_letters: TopicSpec,
 }
 
@@ -38,20 +44,26 @@ pub struct Topics {
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Groups {
+    /// Group id of the normalizer replicas (reads the envelopes topic).
     pub normalizer: String,
+    /// Group id of the projector replicas (reads the events topic).
     pub projector: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct TopicSpec {
+    /// Topic name (prefixed by `kafka_namespace`).
     pub name: String,
+    /// Partition count: the most consumers of one group that share the topic's work.
     pub partitions: i32,
-    /// What the record key is (documentation, shown by `topology show`).
+    /// What the record key is (documentation for readers of the file).
     pub key: String,
     /// What the record value is (documentation).
     pub value: String,
+    /// The stage that produces to it (documentation).
     pub written_by: String,
+    /// Who consumes it (documentation; the stages' group ids are in `[groups]`).
     pub read_by: Vec<String>,
     /// `cleanup.policy`.
     pub cleanup_policy: String,
@@ -123,6 +135,10 @@ impl std::fmt::Display for Drift {
         }
     }
 }
+
+/// What an envelope record adds to its body: id, tenants, content type, trace parent, Avro
+/// framing, key and headers (a few hundred bytes; generous so that long tenant lists fit).
+const ENVELOPE_OVERHEAD: usize = 64 * 1024;
 
 impl Topology {
     pub fn built_in() -> Topology {
@@ -199,6 +215,21 @@ impl Topology {
         self.groups.normalizer = format!("{namespace}{}", self.groups.normalizer);
         self.groups.projector = format!("{namespace}{}", self.groups.projector);
         self
+    }
+
+    /// Checks that the envelopes topic takes a record for the largest body ingress accepts
+    /// (`max_body_bytes`); otherwise such a webhook would get 503 on every retry.
+    pub fn check_body_limit(&self, max_body_bytes: usize) -> Result<(), TopologyError> {
+        let limit = self.topics.envelopes.max_message_bytes;
+        if (max_body_bytes + ENVELOPE_OVERHEAD) as i64 > limit {
+            return Err(TopologyError::Invalid(format!(
+                "max_body_bytes ({max_body_bytes}) plus {ENVELOPE_OVERHEAD} bytes of envelope is more \
+                 than topic {} takes (max_message_bytes {limit}): lower max_body_bytes or raise \
+                 max_message_bytes in the topology and run `xsender-events topology apply`",
+                self.topics.envelopes.name
+            )));
+        }
+        Ok(())
     }
 
     pub fn all(&self) -> [&TopicSpec; 3] {
@@ -507,6 +538,23 @@ mod tests {
         );
         let e = Topology::parse(&t, "x").unwrap_err().to_string();
         assert!(e.contains("declared twice"), "{e}");
+    }
+
+    #[test]
+    fn the_envelopes_topic_must_take_the_largest_body() {
+        let mut t = Topology::built_in();
+        t.check_body_limit(16 * 1024 * 1024).unwrap();
+        let e = t
+            .check_body_limit(20 * 1024 * 1024)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("max_body_bytes (20971520)") && e.contains("webhook-envelopes"),
+            "{e}"
+        );
+        t.topics.envelopes.max_message_bytes = 1_048_576;
+        assert!(t.check_body_limit(16 * 1024 * 1024).is_err());
+        t.check_body_limit(512 * 1024).unwrap();
     }
 
     #[test]
