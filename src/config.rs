@@ -48,7 +48,7 @@ pub struct ServeConfig {
     /// Where projections (dispatch rows, suppressions, contacts) live: `"sqlite"` (embedded,
     /// `projections.db` in the data folder) or `"cql"` (ScyllaDB/Cassandra, see `cql_*`; run
     /// `xsender-events migrate` first; tenants then persist in the same keyspace, shared by
-    /// every `serve`). The events log stays in the data folder either way.
+    /// every `serve`). Independent of where the log is (`log`).
     pub projection_store: ProjectionStoreKind,
     /// CQL contact points (`host:port`), with `projection_store = "cql"`.
     pub cql_nodes: Vec<String>,
@@ -223,6 +223,18 @@ impl ServeConfig {
             {
                 return bad("kafka_brokers must list at least one host:port");
             }
+            // Topic names and group ids are built from it: Kafka takes [A-Za-z0-9._-] only.
+            if !self
+                .kafka_namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+                || self.kafka_namespace.len() > 100
+            {
+                return bad(&format!(
+                    "kafka_namespace {:?}: use at most 100 letters, digits, '.', '_' and '-' (it prefixes topic and group names, e.g. \"staging.\")",
+                    self.kafka_namespace
+                ));
+            }
             if let Some(url) = &self.schema_registry_url {
                 if url::Url::parse(url)
                     .map(|u| !u.scheme().starts_with("http"))
@@ -326,5 +338,11 @@ mod tests {
             "stg.xsender.delivery-events.v1"
         );
         assert_eq!(k.client_config().get("security.protocol"), Some("SSL"));
+        c.kafka_brokers = vec!["k1:9092".into()];
+        c.kafka_namespace = "stg/".into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("kafka_namespace \"stg/\""), "{e}");
+        c.kafka_namespace = "stg-2.x_y.".into();
+        c.validate().unwrap();
     }
 }

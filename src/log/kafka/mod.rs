@@ -290,6 +290,9 @@ pub fn offsets_for_time(
     time_ms: i64,
     timeout: Duration,
 ) -> Result<BTreeMap<Partition, i64>, LogError> {
+    // Kafka reads a time of -1 as "latest" and -2 as "earliest": a time before 1970 (a typo,
+    // a negative `since`) means "from the beginning", which 0 says without the sentinels.
+    let time_ms = time_ms.max(0);
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(time_ms))
