@@ -362,8 +362,12 @@ async fn projector_killed_mid_batch_counts_every_event_once() {
         let (status, body) = h.get("acme", &format!("/api/v1/dispatches/{id}")).await;
         assert_eq!(status, 200, "{id}: {body}");
         assert_eq!(
-            (body["status"].as_str(), body["opens"].as_u64()),
-            (Some("Delivered"), Some(1)),
+            (
+                body["status"].as_str(),
+                body["opens"].as_u64(),
+                body["events"].as_u64()
+            ),
+            (Some("Delivered"), Some(1), Some(2)),
             "{id} after {kills} kills: {body}"
         );
     }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use base64::Engine;
-use common::{fixture, Harness, TenantSpec};
+use common::{fixture, Backend, Harness, TenantSpec};
 use hyper::header::HeaderValue;
 use rsa::pkcs8::DecodePrivateKey;
 use serde_json::{json, Value};
@@ -43,10 +43,12 @@ impl SnsHttp for FakeSns {
     }
 }
 
-async fn start(fake: Arc<FakeSns>) -> Harness {
+backend_tests!(ses_documented_events_project_per_the_table);
+
+async fn start(backend: Backend, fake: Arc<FakeSns>) -> Harness {
     let mut acme = TenantSpec::new("acme");
     acme.ses_topics = vec![TOPIC.to_string()];
-    Harness::embedded_with_providers(vec![acme], move |settings| {
+    backend.start_with_providers(vec![acme], move |settings| {
         registry(settings)
             .into_iter()
             .map(|p| {
@@ -104,12 +106,11 @@ async fn post(h: &Harness, body: Vec<u8>) -> (u16, Value) {
 
 /// Each documented SES event record, tagged for XSender, projects per the table; a
 /// multi-recipient bounce suppresses exactly the bounced recipients.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ses_documented_events_project_per_the_table() {
+async fn ses_documented_events_project_per_the_table(backend: Backend) {
     let fake = Arc::new(FakeSns {
         cert_fetches: AtomicUsize::new(0),
     });
-    let h = start(fake.clone()).await;
+    let h = start(backend, fake.clone()).await;
     let records: serde_json::Map<String, Value> =
         serde_json::from_slice(&fixture("ses/ses_event_publishing.json")).unwrap();
     let table = [

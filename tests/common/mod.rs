@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -15,6 +16,7 @@ use serde_json::Value;
 use xsender_events::app::{self, Running};
 use xsender_events::config::{LogKind, ProjectionStoreKind, ServeConfig};
 use xsender_events::projection::cql::{self, CqlError, CqlSettings};
+use xsender_events::providers::{Provider, ProviderSettings};
 use xsender_events::secret::Secret;
 
 pub const ADMIN_TOKEN: &str = "admin-token-0123456789";
@@ -158,26 +160,11 @@ impl Harness {
     /// certificate fetcher).
     pub async fn embedded_with_providers(
         tenants: Vec<TenantSpec>,
-        providers: impl FnOnce(
-            &xsender_events::providers::ProviderSettings,
-        ) -> Vec<std::sync::Arc<dyn xsender_events::providers::Provider>>,
+        providers: impl FnOnce(&ProviderSettings) -> Vec<Arc<dyn Provider>>,
     ) -> Harness {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("tenants.toml");
-        std::fs::write(&file, tenants_toml(&tenants)).unwrap();
-        let cfg = config(dir.path(), Some(file));
-        let running = app::start_with(cfg.clone(), providers)
+        Backend::Embedded
+            .start_with_providers(tenants, providers)
             .await
-            .expect("server starts");
-        let base = format!("http://{}", running.addr);
-        Harness {
-            config: cfg,
-            dir,
-            running: Some(running),
-            base,
-            http: reqwest::Client::new(),
-            tenants,
-        }
     }
 
     /// The embedded default backend.
@@ -198,17 +185,7 @@ impl Harness {
         tenants: Vec<TenantSpec>,
         tweak: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
-        let keyspace = fresh_cql_keyspace().await;
-        Self::start_with(
-            tenants,
-            move |c| {
-                c.projection_store = ProjectionStoreKind::Cql;
-                c.cql_nodes = vec![cql_node()];
-                c.cql_keyspace = keyspace;
-            },
-            tweak,
-        )
-        .await
+        Self::start_with(tenants, cql_store().await, tweak).await
     }
 
     /// The cluster backend: the log on Kafka (topics of `topology/local.toml` under a namespace
@@ -227,20 +204,7 @@ impl Harness {
         tenants: Vec<TenantSpec>,
         tweak: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
-        let keyspace = fresh_cql_keyspace().await;
-        let namespace = fresh_kafka_namespace(broker).await;
-        let broker = broker.to_string();
-        Self::start_with(
-            tenants,
-            move |c| {
-                kafka_config(c, &broker, &namespace);
-                c.projection_store = ProjectionStoreKind::Cql;
-                c.cql_nodes = vec![cql_node()];
-                c.cql_keyspace = keyspace;
-            },
-            tweak,
-        )
-        .await
+        Self::start_with(tenants, kafka_store(broker).await, tweak).await
     }
 
     async fn start_with(
@@ -248,13 +212,25 @@ impl Harness {
         store: impl FnOnce(&mut ServeConfig),
         tweak: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
+        Self::start_with_providers(tenants, store, tweak, xsender_events::providers::registry)
+            .await
+    }
+
+    async fn start_with_providers(
+        tenants: Vec<TenantSpec>,
+        store: impl FnOnce(&mut ServeConfig),
+        tweak: impl FnOnce(&mut ServeConfig),
+        providers: impl FnOnce(&ProviderSettings) -> Vec<Arc<dyn Provider>>,
+    ) -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("tenants.toml");
         std::fs::write(&file, tenants_toml(&tenants)).unwrap();
         let mut cfg = config(dir.path(), Some(file));
         store(&mut cfg);
         tweak(&mut cfg);
-        let running = app::start(cfg.clone()).await.expect("server starts");
+        let running = app::start_with(cfg.clone(), providers)
+            .await
+            .expect("server starts");
         let base = format!("http://{}", running.addr);
         Harness {
             dir,
@@ -442,6 +418,28 @@ impl Harness {
             running.lag().await.map(|l| l.is_zero()).unwrap_or(false)
         })
         .await;
+    }
+}
+
+/// Sets up projections in a fresh, migrated CQL keyspace.
+async fn cql_store() -> impl FnOnce(&mut ServeConfig) {
+    let keyspace = fresh_cql_keyspace().await;
+    move |c: &mut ServeConfig| {
+        c.projection_store = ProjectionStoreKind::Cql;
+        c.cql_nodes = vec![cql_node()];
+        c.cql_keyspace = keyspace;
+    }
+}
+
+/// Sets up the cluster backend: the log on `broker` under a fresh namespace, projections in
+/// a fresh CQL keyspace.
+async fn kafka_store(broker: &str) -> impl FnOnce(&mut ServeConfig) {
+    let cql = cql_store().await;
+    let namespace = fresh_kafka_namespace(broker).await;
+    let broker = broker.to_string();
+    move |c: &mut ServeConfig| {
+        kafka_config(c, &broker, &namespace);
+        cql(c);
     }
 }
 
@@ -759,6 +757,61 @@ impl Backend {
             Backend::Cql => Harness::cql_with(tenants, tweak).await,
             Backend::Kafka => Harness::kafka_with(tenants, tweak).await,
         }
+    }
+
+    /// The `serve` flags of a spawned server on 127.0.0.1:0 with the tenants file `tenants`,
+    /// on this backend (fresh keyspace and topic namespace, as [`Backend::start`] makes), for
+    /// process tests. Call it once per test: a restarted server must get the same flags to
+    /// find its data.
+    pub async fn serve_args(self, tenants: &Path) -> Vec<String> {
+        let mut c = ServeConfig::default();
+        match self {
+            Backend::Embedded => {}
+            Backend::Cql => cql_store().await(&mut c),
+            Backend::Kafka => kafka_store(&kafka_broker()).await(&mut c),
+        }
+        let mut args = vec![
+            "--listen".to_string(),
+            "127.0.0.1:0".to_string(),
+            "--tenants".to_string(),
+            tenants.display().to_string(),
+        ];
+        if c.log == LogKind::Kafka {
+            args.extend([
+                "--kafka-brokers".to_string(),
+                c.kafka_brokers.join(","),
+                "--kafka-topology".to_string(),
+                local_topology().display().to_string(),
+                "--kafka-namespace".to_string(),
+                c.kafka_namespace.clone(),
+            ]);
+        }
+        if c.projection_store == ProjectionStoreKind::Cql {
+            args.extend([
+                "--projections".to_string(),
+                "cql".to_string(),
+                "--cql-nodes".to_string(),
+                c.cql_nodes.join(","),
+                "--cql-keyspace".to_string(),
+                c.cql_keyspace.clone(),
+            ]);
+        }
+        args
+    }
+
+    /// [`Backend::start`] with the adapters `providers` builds (e.g. SES with a fake
+    /// certificate fetcher).
+    pub async fn start_with_providers(
+        self,
+        tenants: Vec<TenantSpec>,
+        providers: impl FnOnce(&ProviderSettings) -> Vec<Arc<dyn Provider>>,
+    ) -> Harness {
+        let store: Box<dyn FnOnce(&mut ServeConfig)> = match self {
+            Backend::Embedded => Box::new(|_| {}),
+            Backend::Cql => Box::new(cql_store().await),
+            Backend::Kafka => Box::new(kafka_store(&kafka_broker()).await),
+        };
+        Harness::start_with_providers(tenants, store, |_| {}, providers).await
     }
 }
 
