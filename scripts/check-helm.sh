@@ -160,12 +160,15 @@ else
     local topo="$PWD/topology/local.toml"
     local set=(--set mode=cluster --set "kafka.brokers={$XSENDER_TEST_KAFKA}"
       --set "cql.nodes={$XSENDER_TEST_CQL}" --set "cql.keyspace=$ks" --set "kafka.namespace=$ns"
-      --set tenants.existingSecret=xsender-events-tenants)
+      --set tenants.existingSecret=xsender-events-tenants
+      --set-json 'kafka.properties={"socket.keepalive.enable":true,"client.rack":"smoke"}')
     # One broker here: the single-broker topology, passed the chart's way for extra arguments.
     for role in ingress normalizer projector; do
       set+=(--set "$role.extraArgs={--kafka-topology,$topo}")
     done
     "$HELM" template xs "$CHART" --namespace mail "${set[@]}" >"$dir/cluster.yaml" || return 1
+    # The librdkafka properties reach the pods' config file as a TOML table serve reads.
+    grep -q '"client.rack" = "smoke"' "$dir/cluster.yaml" || { echo "kafka.properties not rendered"; return 1; }
     "$BIN" topology apply --kafka-brokers "$XSENDER_TEST_KAFKA" --kafka-topology "$topo" \
       --kafka-namespace "$ns" >"$dir/topology.log" 2>&1 || { cat "$dir/topology.log"; return 1; }
     "$BIN" migrate --cql-nodes "$XSENDER_TEST_CQL" --cql-keyspace "$ks" >"$dir/migrate.log" 2>&1 \
