@@ -189,13 +189,16 @@ def before_after(before, after):
     return "\n".join(lines)
 
 
-def kafka_tables(k, perf, embedded, machine_txt):
+def kafka_tables(k, perf, embedded, machine_txt, low=None):
     """The cluster backend (Kafka log + CQL projections) beside the embedded run, and the
-    SendGrid-100 rate beside Kafka's own ProducerPerformance on the same node."""
+    SendGrid-100 rate beside Kafka's own ProducerPerformance on the same node. `low`: the mix
+    at a fixed low rate on the fresh server, run first."""
     lines = ["### Cluster backend: Kafka log + CQL projections (same run, private Kafka node)\n"]
     if machine_txt:
         lines += ["```", machine_txt.strip(), "```", ""]
-    kp = [p for p in k["phases"] if p["target"] != "baseline"]
+    kp = [dict(p, phase=f"mix_at_{p['requests_per_s']:.0f}_req_s (fixed rate, first)")
+          for p in (low or {}).get("phases", []) if p["target"] != "baseline"]
+    kp += [p for p in k["phases"] if p["target"] != "baseline"]
     emb = {p["phase"]: p for p in (embedded or {}).get("phases", []) if p["target"] == "embedded"}
     base = {p["phase"]: p for p in (embedded or {}).get("phases", []) if p["target"] == "baseline"}
     ms = lambda v: "not visible within 30 s" if v is None else f"{v:.0f} ms"
@@ -295,6 +298,7 @@ def main():
     ap.add_argument("--load-before", help="load JSON of an older binary (same session)")
     ap.add_argument("--load-after", help="load JSON of this build, run right after --load-before")
     ap.add_argument("--kafka-load", help="load JSON of the run against Kafka + CQL")
+    ap.add_argument("--kafka-low", help="load JSON of the fixed low-rate run against Kafka + CQL")
     ap.add_argument("--kafka-perf", help="ProducerPerformance JSON (same node, same run)")
     ap.add_argument("--kafka-machine", help="load averages around the cluster phase")
     a = ap.parse_args()
@@ -315,6 +319,7 @@ def main():
             json.loads(Path(a.kafka_perf).read_text()) if a.kafka_perf else None,
             json.loads(Path(a.load).read_text()) if a.load else None,
             Path(a.kafka_machine).read_text() if a.kafka_machine else None,
+            json.loads(Path(a.kafka_low).read_text()) if a.kafka_low and Path(a.kafka_low).exists() else None,
         ))
     print("\n".join(out))
 
