@@ -30,9 +30,6 @@ RUN apt-get update \
 COPY --from=builder /usr/local/bin/xsender-events /usr/local/bin/xsender-events
 USER 10001:10001
 WORKDIR /data
-# glibc keeps memory freed by one thread in that thread's arena; with a tokio pool that is
-# ~80 MiB of RSS under load (BENCHMARKS.md: 189 MiB with defaults, 111 MiB with two arenas).
-ENV MALLOC_ARENA_MAX=2
 EXPOSE 8080
 VOLUME ["/data"]
 ENTRYPOINT ["/usr/local/bin/xsender-events"]

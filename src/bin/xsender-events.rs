@@ -1,4 +1,4 @@
-//! The `xsender-events` command: `serve`, `rebuild`, `migrate`, `check-tenants`.
+//! The `xsender-events` command: `serve`, `rebuild`, `migrate`, `topology`, `check-tenants`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -8,6 +8,14 @@ use clap::{Args, Parser, Subcommand};
 use xsender_events::app::{self, RebuildFrom};
 use xsender_events::config::{LogKind, ProjectionStoreKind, Role, ServeConfig};
 use xsender_events::secret::Secret;
+
+/// jemalloc for the whole process, C libraries included (SQLite, librdkafka): with glibc's
+/// malloc, memory freed on one thread is kept in that thread's arena, and a server with tokio
+/// workers, a blocking pool, the log writer and librdkafka's threads grew to ~1.5–2× the RSS it
+/// needed (BENCHMARKS.md, "Peak RSS"). jemalloc returns unused pages to the system over time.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser)]
 #[command(
@@ -25,7 +33,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run ingress, normalizer and projector on the embedded default (SQLite in the data folder).
+    /// Run ingress, normalizer and projector (or one of them, --role): on the embedded default
+    /// (SQLite in the data folder) unless the log is on Kafka or projections are in CQL.
     Serve(ServeArgs),
     /// Replay the events log into fresh projection tables and switch to them (safe while serving).
     Rebuild(RebuildArgs),
