@@ -5,6 +5,11 @@
 #   docker run -p 8080:8080 -v xsender-data:/data xsender-events:0.1.0
 
 FROM rust:1.95-slim-trixie AS builder
+# librdkafka and jemalloc are built from source by their -sys crates with configure + make; the
+# slim image has gcc but not make.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 # Only what the binary is built from (see .dockerignore); tests and fixtures stay out.
 COPY Cargo.toml Cargo.lock ./
