@@ -5,9 +5,9 @@
 # 127.0.0.1:9042, with Kafka's own ProducerPerformance on the same node as the log's limit), and
 # writes the tables between the markers in BENCHMARKS.md.
 #
-#   scripts/bench.sh                 # full run (~15 min on 2 cores, + ~5 min cluster phase)
+#   scripts/bench.sh                 # full run (~20 min on 2 cores with its 5-minute soak, + ~6 min cluster phase)
 #   QUICK=1 scripts/bench.sh         # shorter phases, no 1M-event rebuild (smoke test)
-#   SOAK=300 REBUILD_EVENTS=1000000 scripts/bench.sh
+#   SOAK=120 REBUILD_EVENTS=200000 scripts/bench.sh   # shorter soak and rebuild
 #   COMPARE_BIN=/path/to/older/xsender-events scripts/bench.sh   # before/after: load and rebuild
 #   KAFKA=0 scripts/bench.sh         # skip the cluster phase
 #   KAFKA=only scripts/bench.sh      # only the cluster phase; prints its tables, leaves
@@ -37,7 +37,7 @@ if [[ -n "${QUICK:-}" ]]; then
   DURATION="${DURATION:-4}"; SOAK="${SOAK:-10}"; REBUILD_EVENTS="${REBUILD_EVENTS:-0}"
   CRITERION_ARGS=(--warm-up-time 1 --measurement-time 1)
 else
-  DURATION="${DURATION:-10}"; SOAK="${SOAK:-120}"; REBUILD_EVENTS="${REBUILD_EVENTS:-1000000}"
+  DURATION="${DURATION:-10}"; SOAK="${SOAK:-300}"; REBUILD_EVENTS="${REBUILD_EVENTS:-1000000}"
   CRITERION_ARGS=()
 fi
 COMPARE_ARGS=()
