@@ -18,6 +18,7 @@ use super::{
 };
 use crate::avro;
 use crate::event::{DeadLetter, DeliveryEvent, RawEnvelope};
+use crate::sqlite::Checkpointer;
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS envelopes (seq INTEGER PRIMARY KEY, record BLOB NOT NULL);
@@ -51,10 +52,9 @@ CREATE TABLE IF NOT EXISTS checkpoints (stage TEXT PRIMARY KEY, seq INTEGER NOT 
 const POLL: Duration = Duration::from_millis(250);
 /// Most requests folded into one group commit.
 const MAX_GROUP: usize = 2048;
-/// How often the checkpointer copies the WAL into the database file. The writer does not
-/// checkpoint itself (`wal_autocheckpoint=0`): SQLite's automatic checkpoint runs inside the
-/// COMMIT that crosses the threshold, so every few groups one of them waited for megabytes of
-/// writes and two more fsyncs before its webhooks could be answered.
+/// How often the checkpointer copies the WAL into the database file (see `Checkpointer`: with
+/// SQLite's automatic checkpoint, every few groups one of them waited for megabytes of writes
+/// and two more fsyncs before its webhooks could be answered).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 enum Write {
@@ -69,14 +69,7 @@ pub struct SqliteLog {
     envelopes_appended: Arc<Notify>,
     events_appended: Arc<Notify>,
     append_timeout: Duration,
-    stop_checkpointer: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl Drop for SqliteLog {
-    fn drop(&mut self) {
-        self.stop_checkpointer
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-    }
+    _checkpointer: Checkpointer,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> LogError {
@@ -98,19 +91,15 @@ impl SqliteLog {
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
         // 16 MiB of page cache for the writer (SQLite's default is 2 MiB): the events table's
         // indexes take inserts all over, and re-reading their pages was a syscall each.
-        conn.execute_batch("PRAGMA wal_autocheckpoint=0; PRAGMA cache_size=-16384;")
+        conn.execute_batch("PRAGMA cache_size=-16384;")
             .map_err(unavailable)?;
-        let stop_checkpointer = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        {
-            let (ckpt, stop) = (
-                connect(path).map_err(unavailable)?,
-                stop_checkpointer.clone(),
-            );
-            std::thread::Builder::new()
-                .name("log-checkpoint".into())
-                .spawn(move || checkpoint_loop(ckpt, stop))
-                .map_err(unavailable)?;
-        }
+        let checkpointer = Checkpointer::start(
+            &conn,
+            connect(path).map_err(unavailable)?,
+            "log-checkpoint",
+            CHECKPOINT_EVERY,
+        )
+        .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(16 * 1024);
         let envelopes_appended = Arc::new(Notify::new());
         let events_appended = Arc::new(Notify::new());
@@ -128,7 +117,7 @@ impl SqliteLog {
             envelopes_appended,
             events_appended,
             append_timeout,
-            stop_checkpointer,
+            _checkpointer: checkpointer,
         }))
     }
 
@@ -222,17 +211,6 @@ fn writer_loop(
 
 /// Copies the WAL into the database in the background (PASSIVE: never blocks the writer or
 /// readers), so the WAL stays small without the writer paying for it.
-fn checkpoint_loop(conn: Connection, stop: Arc<std::sync::atomic::AtomicBool>) {
-    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-        std::thread::sleep(CHECKPOINT_EVERY);
-        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-            tracing::debug!(error = %e, "log checkpoint skipped");
-        }
-    }
-    // One last pass, so a stopped log leaves a small WAL behind.
-    let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-}
-
 type PendingAppend = (Vec<u8>, oneshot::Sender<Result<Offset, LogError>>);
 type PendingNormalized = (NormalizedBatch, oneshot::Sender<Result<(), LogError>>);
 

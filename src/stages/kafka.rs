@@ -459,12 +459,17 @@ mod tests {
         };
         let d = oversized_event(&e, 30_000_000, &topics);
         assert_eq!(
-            (d.reason.as_str(), d.envelope_id.as_str(), d.provider.as_str()),
+            (
+                d.reason.as_str(),
+                d.envelope_id.as_str(),
+                d.provider.as_str()
+            ),
             ("event_too_large", "env-9", "sendgrid")
         );
         assert!(
             d.detail.contains("30000000")
-                && d.detail.contains(&topics.events.max_message_bytes.to_string())
+                && d.detail
+                    .contains(&topics.events.max_message_bytes.to_string())
                 && d.detail.contains("topology apply"),
             "{}",
             d.detail
