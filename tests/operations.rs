@@ -7,9 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{
-    fixture, now_secs, spawn_server, wait_until, Backend, SendGridSigner, TenantSpec,
-};
+use common::{fixture, now_secs, spawn_server, wait_until, Backend, SendGridSigner, TenantSpec};
 
 /// Parses the OpenMetrics text into `name{labels} -> value`.
 fn scrape(text: &str) -> HashMap<String, f64> {
@@ -295,7 +293,9 @@ async fn sigterm_under_load_answers_everything_and_loses_nothing(backend: Backen
 
 async fn readiness_turns_false_before_the_listener_closes(backend: Backend) {
     let mut h = backend
-        .start_with(vec![TenantSpec::new("acme")], |c| c.readiness_drain_secs = 2)
+        .start_with(vec![TenantSpec::new("acme")], |c| {
+            c.readiness_drain_secs = 2
+        })
         .await;
     assert_eq!(
         h.http

@@ -48,19 +48,20 @@ backend_tests!(ses_documented_events_project_per_the_table);
 async fn start(backend: Backend, fake: Arc<FakeSns>) -> Harness {
     let mut acme = TenantSpec::new("acme");
     acme.ses_topics = vec![TOPIC.to_string()];
-    backend.start_with_providers(vec![acme], move |settings| {
-        registry(settings)
-            .into_iter()
-            .map(|p| {
-                if p.name() == "ses" {
-                    Arc::new(Ses::with_http(fake.clone())) as Arc<dyn Provider>
-                } else {
-                    p
-                }
-            })
-            .collect()
-    })
-    .await
+    backend
+        .start_with_providers(vec![acme], move |settings| {
+            registry(settings)
+                .into_iter()
+                .map(|p| {
+                    if p.name() == "ses" {
+                        Arc::new(Ses::with_http(fake.clone())) as Arc<dyn Provider>
+                    } else {
+                        p
+                    }
+                })
+                .collect()
+        })
+        .await
 }
 
 /// An SNS Notification carrying `message`, signed (SignatureVersion 2) with the test key.

@@ -212,8 +212,7 @@ impl Harness {
         store: impl FnOnce(&mut ServeConfig),
         tweak: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
-        Self::start_with_providers(tenants, store, tweak, xsender_events::providers::registry)
-            .await
+        Self::start_with_providers(tenants, store, tweak, xsender_events::providers::registry).await
     }
 
     async fn start_with_providers(
