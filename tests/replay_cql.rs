@@ -69,48 +69,32 @@ async fn two_replicas_never_both_accept_one_token() {
     // Sequentially, through either replica.
     let tok = token();
     let now = now_ms();
-    assert_eq!(
-        a.first_use("mailgun", &tok, now, now + window).await,
-        Ok(true)
-    );
-    assert_eq!(
-        b.first_use("mailgun", &tok, now, now + window).await,
-        Ok(false)
-    );
-    assert_eq!(
-        a.first_use("mailgun", &tok, now, now + window).await,
-        Ok(false)
-    );
+    // Whether `guard` takes `tok` in `scope` as a first use, against what is expected.
+    let first_use = |guard: &Arc<CqlReplayGuard>, scope: &'static str, expected: bool| {
+        let (guard, tok) = (guard.clone(), tok.clone());
+        async move {
+            assert_eq!(
+                guard.first_use(scope, &tok, now, now + window).await,
+                Ok(expected),
+                "{scope}"
+            );
+        }
+    };
+    first_use(&a, "mailgun", true).await;
+    first_use(&b, "mailgun", false).await;
+    first_use(&a, "mailgun", false).await;
     // Another scope is another namespace.
-    assert_eq!(
-        b.first_use("other", &tok, now, now + window).await,
-        Ok(true)
-    );
-    assert_eq!(
-        a.first_use("other", &tok, now, now + window).await,
-        Ok(false)
-    );
+    first_use(&b, "other", true).await;
+    first_use(&a, "other", false).await;
     // Given back (its request got a 503): the retry, on any replica, is a first use again.
     b.release("mailgun", &tok).await;
-    assert_eq!(
-        a.first_use("mailgun", &tok, now, now + window).await,
-        Ok(true)
-    );
-    assert_eq!(
-        b.first_use("mailgun", &tok, now, now + window).await,
-        Ok(false)
-    );
+    first_use(&a, "mailgun", true).await;
+    first_use(&b, "mailgun", false).await;
     // Releasing one scope leaves the other spent; releasing twice is harmless.
     a.release("other", &tok).await;
     a.release("other", &tok).await;
-    assert_eq!(
-        b.first_use("mailgun", &tok, now, now + window).await,
-        Ok(false)
-    );
-    assert_eq!(
-        b.first_use("other", &tok, now, now + window).await,
-        Ok(true)
-    );
+    first_use(&b, "mailgun", false).await;
+    first_use(&b, "other", true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -18,7 +18,7 @@ use super::{
 };
 use crate::avro;
 use crate::event::{DeadLetter, DeliveryEvent, RawEnvelope};
-use crate::sqlite::Checkpointer;
+use crate::sqlite::{Checkpointer, WalBound};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS envelopes (seq INTEGER PRIMARY KEY, record BLOB NOT NULL);
@@ -56,6 +56,10 @@ const MAX_GROUP: usize = 2048;
 /// SQLite's automatic checkpoint, every few groups one of them waited for megabytes of writes
 /// and two more fsyncs before its webhooks could be answered).
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
+/// WAL size past which the writer checkpoints once so the WAL can start over (see `WalBound`):
+/// about four seconds of SendGrid batches at the peak BENCHMARKS.md measures, so that the disk
+/// holds at most that much beside the log, and the writer waits for it rarely.
+const MAX_WAL_BYTES: u64 = 256 << 20;
 
 enum Write {
     Append(Vec<u8>, oneshot::Sender<Result<Offset, LogError>>),
@@ -93,21 +97,18 @@ impl SqliteLog {
         // indexes take inserts all over, and re-reading their pages was a syscall each.
         conn.execute_batch("PRAGMA cache_size=-16384;")
             .map_err(unavailable)?;
-        let checkpointer = Checkpointer::start(
-            &conn,
-            connect(path).map_err(unavailable)?,
-            "log-checkpoint",
-            CHECKPOINT_EVERY,
-        )
-        .map_err(unavailable)?;
+        let checkpointer =
+            Checkpointer::start(&conn, connect(path).map_err(unavailable)?, CHECKPOINT_EVERY)
+                .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(16 * 1024);
         let envelopes_appended = Arc::new(Notify::new());
         let events_appended = Arc::new(Notify::new());
         {
             let (ea, ev) = (envelopes_appended.clone(), events_appended.clone());
+            let bound = WalBound::new(path, MAX_WAL_BYTES);
             std::thread::Builder::new()
                 .name("log-writer".into())
-                .spawn(move || writer_loop(conn, rx, ea, ev))
+                .spawn(move || writer_loop(conn, rx, ea, ev, bound))
                 .map_err(unavailable)?;
         }
         Ok(Arc::new(SqliteLog {
@@ -164,6 +165,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<Write>,
     envelopes: Arc<Notify>,
     events: Arc<Notify>,
+    bound: WalBound,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut group = vec![first];
@@ -206,6 +208,8 @@ fn writer_loop(
                 }
             }
         }
+        // Everyone in the group has been answered: the next group waits instead, for once.
+        bound.after_commit(&conn);
     }
 }
 

@@ -27,11 +27,6 @@ use crate::fold::{
     DispatchRow, SuppressionRow,
 };
 use crate::log::Offset;
-use crate::sqlite::Checkpointer;
-
-/// How often the WAL is copied into the database file, off the projector's commits (see
-/// `Checkpointer`; not to be confused with the projections' log checkpoints below).
-const WAL_CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 
 const META: &str = "
 CREATE TABLE IF NOT EXISTS generations (gen INTEGER PRIMARY KEY, checkpoint INTEGER NOT NULL);
@@ -76,7 +71,6 @@ pub struct SqliteProjections {
     writer: Arc<Mutex<Connection>>,
     readers: Vec<Arc<Mutex<Connection>>>,
     next_reader: std::sync::atomic::AtomicUsize,
-    _checkpointer: Checkpointer,
 }
 
 impl SqliteProjections {
@@ -109,13 +103,6 @@ impl SqliteProjections {
         // reads and rewrites stay in memory instead of being read back with a syscall each.
         conn.execute_batch("PRAGMA cache_size=-16384;")
             .map_err(unavailable)?;
-        let checkpointer = Checkpointer::start(
-            &conn,
-            connect(path).map_err(unavailable)?,
-            "projections-wal",
-            WAL_CHECKPOINT_EVERY,
-        )
-        .map_err(unavailable)?;
         let readers = (0..4)
             .map(|_| connect(path).map(|c| Arc::new(Mutex::new(c))))
             .collect::<rusqlite::Result<Vec<_>>>()
@@ -124,7 +111,6 @@ impl SqliteProjections {
             writer: Arc::new(Mutex::new(conn)),
             readers,
             next_reader: Default::default(),
-            _checkpointer: checkpointer,
         })
     }
 
