@@ -109,24 +109,34 @@ mod tests {
         c
     }
 
-    /// The writer does not checkpoint: its WAL grows past SQLite's 1000-page threshold (where
-    /// an automatic checkpoint would have started it over at ~4 MiB) while the database file
-    /// stays empty; then the thread copies the WAL into the file without anyone asking.
-    #[test]
-    fn the_writer_never_checkpoints_and_the_thread_does() {
+    /// A folder with a database of one table, and its writer's connection.
+    fn fresh() -> (tempfile::TempDir, PathBuf, Connection) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.db");
         let writer = open(&path);
         writer
             .execute_batch("CREATE TABLE t (v BLOB NOT NULL);")
             .unwrap();
+        (dir, path, writer)
+    }
+
+    /// One commit of a 4 KiB row: two pages of WAL.
+    fn insert_page(writer: &Connection) {
+        writer
+            .execute("INSERT INTO t (v) VALUES (?1)", [vec![7u8; 4096]])
+            .unwrap();
+    }
+
+    /// The writer does not checkpoint: its WAL grows past SQLite's 1000-page threshold (where
+    /// an automatic checkpoint would have started it over at ~4 MiB) while the database file
+    /// stays empty; then the thread copies the WAL into the file without anyone asking.
+    #[test]
+    fn the_writer_never_checkpoints_and_the_thread_does() {
+        let (dir, path, writer) = fresh();
         let hour = Duration::from_secs(3600);
         let idle = Checkpointer::start(&writer, open(&path), hour).unwrap();
-        let blob = vec![7u8; 4096];
         for _ in 0..1500 {
-            writer
-                .execute("INSERT INTO t (v) VALUES (?1)", [&blob])
-                .unwrap();
+            insert_page(&writer);
         }
         let wal = dir.path().join("t.db-wal");
         assert!(size(&wal) > 6 << 20, "WAL is {} bytes", size(&wal));
@@ -154,24 +164,16 @@ mod tests {
     /// over, so it stays near the bound instead of growing with everything written.
     #[test]
     fn a_busy_writer_keeps_the_wal_bounded() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let writer = open(&path);
-        writer
-            .execute_batch("CREATE TABLE t (v BLOB NOT NULL);")
-            .unwrap();
+        let (dir, path, writer) = fresh();
         let every = Duration::from_millis(5);
         let _ckpt = Checkpointer::start(&writer, open(&path), every).unwrap();
         let bound = WalBound::new(&path, 1 << 20);
         let reader = open(&path);
-        let blob = vec![7u8; 4096];
         let wal = dir.path().join("t.db-wal");
         let (mut largest, mut last, mut starts) = (0, 0, 0);
         // ~80 MiB written in all (two pages a row).
         for i in 0..10_000 {
-            writer
-                .execute("INSERT INTO t (v) VALUES (?1)", [&blob])
-                .unwrap();
+            insert_page(&writer);
             bound.after_commit(&writer);
             if i % 100 == 0 {
                 let _: i64 = reader
