@@ -28,7 +28,6 @@ pub mod projection;
 pub mod providers;
 pub mod secret;
 pub mod shutdown;
-mod sqlite;
 pub mod stages;
 pub mod telemetry;
 pub mod tenants;

@@ -4,6 +4,7 @@
 
 pub mod kafka;
 pub mod sqlite;
+mod wal;
 
 use async_trait::async_trait;
 

@@ -12,13 +12,13 @@ use async_trait::async_trait;
 use rusqlite::{params, Connection, OptionalExtension};
 use tokio::sync::{mpsc, oneshot, Notify};
 
+use super::wal::{Checkpointer, WalBound};
 use super::{
     DeadLetterLog, EnvelopeLog, EventLog, EventQuery, EventSearch, LogError, NormalizedBatch,
     NormalizerLog, Offset, Record,
 };
 use crate::avro;
 use crate::event::{DeadLetter, DeliveryEvent, RawEnvelope};
-use crate::sqlite::{Checkpointer, WalBound};
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS envelopes (seq INTEGER PRIMARY KEY, record BLOB NOT NULL);
@@ -213,8 +213,6 @@ fn writer_loop(
     }
 }
 
-/// Copies the WAL into the database in the background (PASSIVE: never blocks the writer or
-/// readers), so the WAL stays small without the writer paying for it.
 type PendingAppend = (Vec<u8>, oneshot::Sender<Result<Offset, LogError>>);
 type PendingNormalized = (NormalizedBatch, oneshot::Sender<Result<(), LogError>>);
 

@@ -253,7 +253,7 @@ async fn normalize_batch(
         // The broker would refuse it on every retry and stall the partition behind it for
         // good: kept as a dead letter (the whole event, on a topic that takes whole bodies).
         if !fits(topics.events.max_message_bytes, &key, &value) {
-            too_large.push((o, oversized_event(&e, value.len(), topics)));
+            too_large.push((o, oversized_event(&e, value.len(), &topics.events)));
             continue;
         }
         sends.push((topics.events.name.as_str(), key, value, headers));
@@ -300,7 +300,7 @@ fn fits(max_message_bytes: i64, key: &[u8], value: &[u8]) -> bool {
 fn oversized_event(
     e: &DeliveryEvent,
     encoded: usize,
-    topics: &crate::log::kafka::topology::Topics,
+    topic: &crate::log::kafka::topology::TopicSpec,
 ) -> DeadLetter {
     DeadLetter {
         envelope_id: e.envelope_id.clone(),
@@ -311,8 +311,8 @@ fn oversized_event(
              (max_message_bytes in the topology); raise it there and run `xsender-events topology apply`",
             e.kind.as_str(),
             e.dispatch_key,
-            topics.events.max_message_bytes,
-            topics.events.name,
+            topic.max_message_bytes,
+            topic.name,
         ),
         item: serde_json::to_string(e).unwrap_or_default(),
         received_at_ms: e.received_at_ms,
@@ -457,7 +457,7 @@ mod tests {
             group_id: None,
             trace_parent: None,
         };
-        let d = oversized_event(&e, 30_000_000, &topics);
+        let d = oversized_event(&e, 30_000_000, &topics.events);
         assert_eq!(
             (
                 d.reason.as_str(),

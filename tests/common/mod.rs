@@ -751,10 +751,16 @@ impl Backend {
         tenants: Vec<TenantSpec>,
         tweak: impl FnOnce(&mut ServeConfig),
     ) -> Harness {
+        Harness::start_with(tenants, self.store().await, tweak).await
+    }
+
+    /// What this backend sets in a server's config: nothing on the embedded default, a fresh
+    /// migrated keyspace for CQL, and also a fresh topic namespace for Kafka.
+    async fn store(self) -> Box<dyn FnOnce(&mut ServeConfig)> {
         match self {
-            Backend::Embedded => Harness::embedded_with(tenants, tweak).await,
-            Backend::Cql => Harness::cql_with(tenants, tweak).await,
-            Backend::Kafka => Harness::kafka_with(tenants, tweak).await,
+            Backend::Embedded => Box::new(|_| {}),
+            Backend::Cql => Box::new(cql_store().await),
+            Backend::Kafka => Box::new(kafka_store(&kafka_broker()).await),
         }
     }
 
@@ -764,11 +770,7 @@ impl Backend {
     /// find its data.
     pub async fn serve_args(self, tenants: &Path) -> Vec<String> {
         let mut c = ServeConfig::default();
-        match self {
-            Backend::Embedded => {}
-            Backend::Cql => cql_store().await(&mut c),
-            Backend::Kafka => kafka_store(&kafka_broker()).await(&mut c),
-        }
+        self.store().await(&mut c);
         let mut args = vec![
             "--listen".to_string(),
             "127.0.0.1:0".to_string(),
@@ -805,12 +807,7 @@ impl Backend {
         tenants: Vec<TenantSpec>,
         providers: impl FnOnce(&ProviderSettings) -> Vec<Arc<dyn Provider>>,
     ) -> Harness {
-        let store: Box<dyn FnOnce(&mut ServeConfig)> = match self {
-            Backend::Embedded => Box::new(|_| {}),
-            Backend::Cql => Box::new(cql_store().await),
-            Backend::Kafka => Box::new(kafka_store(&kafka_broker()).await),
-        };
-        Harness::start_with_providers(tenants, store, |_| {}, providers).await
+        Harness::start_with_providers(tenants, self.store().await, |_| {}, providers).await
     }
 }
 

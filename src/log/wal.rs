@@ -74,10 +74,8 @@ pub(crate) struct WalBound {
 
 impl WalBound {
     pub(crate) fn new(db: &Path, max_bytes: u64) -> WalBound {
-        let mut wal = db.as_os_str().to_owned();
-        wal.push("-wal");
         WalBound {
-            wal: wal.into(),
+            wal: wal_of(db),
             max_bytes,
         }
     }
@@ -85,7 +83,7 @@ impl WalBound {
     /// Call on the writer's connection, outside a transaction. Errors are left to the next
     /// call: a busy reader only postpones the restart.
     pub(crate) fn after_commit(&self, writer: &Connection) {
-        if std::fs::metadata(&self.wal).map_or(0, |m| m.len()) <= self.max_bytes {
+        if file_len(&self.wal) <= self.max_bytes {
             return;
         }
         if let Err(e) = writer.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
@@ -94,15 +92,23 @@ impl WalBound {
     }
 }
 
+/// The WAL file SQLite keeps beside the database `db`.
+fn wal_of(db: &Path) -> PathBuf {
+    let mut wal = db.as_os_str().to_owned();
+    wal.push("-wal");
+    wal.into()
+}
+
+/// A file's size, 0 if it does not exist (no WAL yet).
+fn file_len(path: &Path) -> u64 {
+    std::fs::metadata(path).map_or(0, |m| m.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn size(path: &std::path::Path) -> u64 {
-        std::fs::metadata(path).map(|m| m.len()).unwrap_or(0)
-    }
-
-    fn open(path: &std::path::Path) -> Connection {
+    fn open(path: &Path) -> Connection {
         let c = Connection::open(path).unwrap();
         c.busy_timeout(Duration::from_secs(5)).unwrap();
         c.execute_batch("PRAGMA journal_mode=WAL;").unwrap();
@@ -132,31 +138,31 @@ mod tests {
     /// stays empty; then the thread copies the WAL into the file without anyone asking.
     #[test]
     fn the_writer_never_checkpoints_and_the_thread_does() {
-        let (dir, path, writer) = fresh();
+        let (_dir, path, writer) = fresh();
         let hour = Duration::from_secs(3600);
         let idle = Checkpointer::start(&writer, open(&path), hour).unwrap();
         for _ in 0..1500 {
             insert_page(&writer);
         }
-        let wal = dir.path().join("t.db-wal");
-        assert!(size(&wal) > 6 << 20, "WAL is {} bytes", size(&wal));
+        let wal = wal_of(&path);
+        assert!(file_len(&wal) > 6 << 20, "WAL is {} bytes", file_len(&wal));
         assert!(
-            size(&path) < 1 << 20,
+            file_len(&path) < 1 << 20,
             "database file is {} bytes",
-            size(&path)
+            file_len(&path)
         );
         drop(idle);
 
         let every = Duration::from_millis(20);
         let _ckpt = Checkpointer::start(&writer, open(&path), every).unwrap();
         let t = std::time::Instant::now();
-        while size(&path) < 6 << 20 && t.elapsed() < Duration::from_secs(10) {
+        while file_len(&path) < 6 << 20 && t.elapsed() < Duration::from_secs(10) {
             std::thread::sleep(Duration::from_millis(20));
         }
         assert!(
-            size(&path) >= 6 << 20,
+            file_len(&path) >= 6 << 20,
             "database file is {} bytes",
-            size(&path)
+            file_len(&path)
         );
     }
 
@@ -164,12 +170,12 @@ mod tests {
     /// over, so it stays near the bound instead of growing with everything written.
     #[test]
     fn a_busy_writer_keeps_the_wal_bounded() {
-        let (dir, path, writer) = fresh();
+        let (_dir, path, writer) = fresh();
         let every = Duration::from_millis(5);
         let _ckpt = Checkpointer::start(&writer, open(&path), every).unwrap();
         let bound = WalBound::new(&path, 1 << 20);
         let reader = open(&path);
-        let wal = dir.path().join("t.db-wal");
+        let wal = wal_of(&path);
         let (mut largest, mut last, mut starts) = (0, 0, 0);
         // ~80 MiB written in all (two pages a row).
         for i in 0..10_000 {
@@ -180,7 +186,7 @@ mod tests {
                     .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
                     .unwrap();
             }
-            let now = size(&wal);
+            let now = file_len(&wal);
             starts += usize::from(now < last);
             (largest, last) = (largest.max(now), now);
         }
