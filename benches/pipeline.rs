@@ -476,7 +476,8 @@ fn ses(c: &mut Criterion) {
     m["Signature"] =
         serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(&sig));
     let body = m.to_string().into_bytes();
-    // The certificate's key as the adapter loads it, checked to verify this signature.
+    // The adapter loads the certificate (parsed here so a broken fixture fails before the
+    // benches); the primitives verify with the same key, taken from the signer's private key.
     let cert = fixture("ses/local_signer_cert.pem");
     let _ = public_key_from_pem(&cert).unwrap();
     let public = key.to_public_key();
