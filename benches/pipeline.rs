@@ -594,13 +594,15 @@ fn projection(c: &mut Criterion) {
     let dir = tempfile::tempdir().unwrap();
     let store = SqliteProjections::open(&dir.path().join("projections.db")).unwrap();
     let template = sendgrid_events(1000);
+    let template_at = template[0].occurred_at_ms;
     // The stored state of a freshly folded dispatch is its row as JSON.
     let state_len = serde_json::to_string(&xsender_events::fold::fold_dispatch(None, &template[0]))
         .unwrap()
         .len();
     let mut round = 0u64;
     let mut offset = 0i64;
-    // Fresh keys every iteration: the same events twice would only hit the dedupe.
+    // Fresh keys every iteration: the same events twice would only hit the dedupe. Each batch
+    // a second later than the one before, as a live stream arrives.
     let mut fresh = move || {
         round += 1;
         template
@@ -612,7 +614,10 @@ fn projection(c: &mut Criterion) {
                     "{:032x}",
                     (round << 20) ^ offset as u64 ^ 0x9e37_79b9_7f4a_7c15
                 );
+                e.occurred_at_ms += round as i64 * 1000;
                 e.dispatch_key = format!("d:r{round}-{}", e.dispatch_key);
+                // A dispatch id names one dispatch, as XSender's do.
+                e.dispatch_id = e.dispatch_id.map(|d| format!("r{round}-{d}"));
                 Record { offset, value: e }
             })
             .collect::<Vec<_>>()
@@ -630,7 +635,8 @@ fn projection(c: &mut Criterion) {
     let bare = rusqlite::Connection::open(dir.path().join("bare.db")).unwrap();
     bare.execute_batch(
         "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA cache_size=-16384;
-         CREATE TABLE seen (tenant TEXT NOT NULL, event_key TEXT NOT NULL, PRIMARY KEY (tenant, event_key)) WITHOUT ROWID;
+         CREATE TABLE seen (tenant TEXT NOT NULL, occurred_at_ms INTEGER NOT NULL, event_key TEXT NOT NULL,
+            PRIMARY KEY (tenant, occurred_at_ms, event_key)) WITHOUT ROWID;
          CREATE TABLE dispatches (tenant TEXT NOT NULL, dispatch_key TEXT NOT NULL, campaign_id TEXT, dispatch_id TEXT,
             status TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (tenant, dispatch_key)) WITHOUT ROWID;
          CREATE INDEX dispatches_campaign ON dispatches (tenant, campaign_id, dispatch_key);
@@ -642,22 +648,24 @@ fn projection(c: &mut Criterion) {
     g.bench_function("primitive_sqlite_rows/1000", |b| {
         b.iter(|| {
             bare_round += 1;
+            // The events' time, a second later each batch as in `fresh`.
+            let at = template_at + bare_round as i64 * 1000;
             let tx = bare.unchecked_transaction().unwrap();
             {
                 let mut seen = tx
-                    .prepare_cached("INSERT INTO seen (tenant, event_key) VALUES (?1, ?2)")
+                    .prepare_cached("INSERT INTO seen (tenant, occurred_at_ms, event_key) VALUES (?1, ?2, ?3)")
                     .unwrap();
                 let mut d = tx
                     .prepare_cached("INSERT INTO dispatches (tenant, dispatch_key, campaign_id, dispatch_id, status, state) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                     .unwrap();
                 for i in 0..1000u64 {
                     let k = format!("{:032x}", (bare_round << 20) ^ i ^ 0x9e37_79b9_7f4a_7c15);
-                    seen.execute(rusqlite::params!["acme", k]).unwrap();
+                    seen.execute(rusqlite::params!["acme", at, k]).unwrap();
                     d.execute(rusqlite::params![
                         "acme",
                         format!("d:r{bare_round}-d-{i}"),
                         "spring",
-                        format!("d-{i}"),
+                        format!("r{bare_round}-d-{i}"),
                         "Delivered",
                         state
                     ])

@@ -135,7 +135,8 @@ impl BounceClass {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct DeliveryEvent {
     /// Identity of the happening, stable across ESP retries: duplicates share it, and the fold
-    /// counts each key once.
+    /// counts each key once. It binds `occurred_at_ms` (every provider hashes the event's time
+    /// into it), so two events with one key have one time: the embedded store dedupes by both.
     pub event_key: String,
     pub tenant: String,
     pub provider: String,

@@ -1,6 +1,14 @@
 //! The embedded projection store: one SQLite file, one set of tables per generation
-//! (`dispatches_<g>`, `seen_<g>`, `suppressions_<g>`, `contacts_<g>`), and a `current` row
-//! that names the generation readers and the projector use.
+//! (`dispatches_<g>`, `seen_by_time_<g>`, `suppressions_<g>`, `contacts_<g>`), and a `current`
+//! row that names the generation readers and the projector use.
+//!
+//! `seen_by_time_<g>` holds the event keys already folded, led by the event's time: event keys
+//! are hashes, so a table ordered by them takes every insert on a random page (one 4 KiB page
+//! written to the WAL, and again by the checkpoint, per event); led by time, inserts land at the
+//! end of the b-tree as events arrive. That keeps the dedupe exact because every provider's
+//! event key binds the event's time (see `DeliveryEvent::event_key`): two copies of one event
+//! share both. Generations created before this kept their keys in `seen_<g>`, by key alone:
+//! such a generation is still checked against it (read only) until a rebuild replaces it.
 //!
 //! `generations` lists the generations; `checkpoints` holds each generation's checkpoint per
 //! log partition, moved in the transaction that folds the batch. Data folders written before
@@ -47,8 +55,8 @@ fn tables_sql(g: Generation) -> String {
             status TEXT NOT NULL, state TEXT NOT NULL, PRIMARY KEY (tenant, dispatch_key)) WITHOUT ROWID;
          CREATE INDEX IF NOT EXISTS dispatches_{g}_campaign ON dispatches_{g} (tenant, campaign_id, dispatch_key);
          CREATE INDEX IF NOT EXISTS dispatches_{g}_id ON dispatches_{g} (tenant, dispatch_id);
-         CREATE TABLE IF NOT EXISTS seen_{g} (tenant TEXT NOT NULL, event_key TEXT NOT NULL,
-            PRIMARY KEY (tenant, event_key)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS seen_by_time_{g} (tenant TEXT NOT NULL, occurred_at_ms INTEGER NOT NULL,
+            event_key TEXT NOT NULL, PRIMARY KEY (tenant, occurred_at_ms, event_key)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS suppressions_{g} (tenant TEXT NOT NULL, email TEXT NOT NULL, reason TEXT NOT NULL,
             state TEXT NOT NULL, PRIMARY KEY (tenant, email, reason)) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS contacts_{g} (tenant TEXT NOT NULL, email TEXT NOT NULL, state TEXT NOT NULL,
@@ -189,6 +197,16 @@ fn from_json<T: serde::de::DeserializeOwned>(s: &str) -> Result<T, StoreError> {
         .map_err(|e| StoreError::Invalid(format!("stored row does not decode: {e}")))
 }
 
+/// The lookup of generation `g`'s keys from before `seen_by_time_<g>`, if it has them.
+fn legacy_seen(c: &Connection, g: Generation) -> Result<Option<String>, StoreError> {
+    let table = format!("seen_{g}");
+    let exists = c
+        .prepare_cached("SELECT 1 FROM sqlite_schema WHERE type = 'table' AND name = ?1")
+        .and_then(|mut st| st.exists([&table]))
+        .map_err(unavailable)?;
+    Ok(exists.then(|| format!("SELECT 1 FROM {table} WHERE tenant = ?1 AND event_key = ?2")))
+}
+
 /// Folds a batch into generation `g` inside the caller's transaction: dedupe by event key,
 /// fold per row (rows touched several times in a batch are read and written once). Every
 /// partition's gap is checked before anything is written; on an error the caller drops the
@@ -207,8 +225,12 @@ fn apply_in_tx(tx: &Connection, g: Generation, batch: &Batch) -> Result<Position
     {
         let mut seen = tx
             .prepare_cached(&format!(
-                "INSERT OR IGNORE INTO seen_{g} (tenant, event_key) VALUES (?1, ?2)"
+                "INSERT OR IGNORE INTO seen_by_time_{g} (tenant, occurred_at_ms, event_key) VALUES (?1, ?2, ?3)"
             ))
+            .map_err(unavailable)?;
+        let mut seen_before = legacy_seen(tx, g)?
+            .map(|sql| tx.prepare_cached(&sql))
+            .transpose()
             .map_err(unavailable)?;
         let mut get_d = tx
             .prepare_cached(&format!(
@@ -223,19 +245,30 @@ fn apply_in_tx(tx: &Connection, g: Generation, batch: &Batch) -> Result<Position
                 "SELECT state FROM contacts_{g} WHERE tenant = ?1 AND email = ?2"
             ))
             .map_err(unavailable)?;
-        // Event keys are hashes, so inserting them in arrival order touches a random page of
-        // `seen` each; in key order they share pages. A stable sort keeps the first of two
-        // copies in one batch the one that counts, as before.
+        // Inserted in the table's key order, so neighbours share pages. A stable sort keeps the
+        // first of two copies in one batch the one that counts, as before.
         let mut order: Vec<usize> = (0..fresh.len()).collect();
         order.sort_by(|&a, &b| {
             let (x, y) = (&fresh[a].value, &fresh[b].value);
-            (&x.tenant, &x.event_key).cmp(&(&y.tenant, &y.event_key))
+            (&x.tenant, x.occurred_at_ms, &x.event_key).cmp(&(
+                &y.tenant,
+                y.occurred_at_ms,
+                &y.event_key,
+            ))
         });
         let mut is_new = vec![false; fresh.len()];
         for i in order {
             let ev = &fresh[i].value;
+            if let Some(before) = seen_before.as_mut() {
+                if before
+                    .exists(params![ev.tenant, ev.event_key])
+                    .map_err(unavailable)?
+                {
+                    continue;
+                }
+            }
             is_new[i] = seen
-                .execute(params![ev.tenant, ev.event_key])
+                .execute(params![ev.tenant, ev.occurred_at_ms, ev.event_key])
                 .map_err(unavailable)?
                 > 0;
         }
@@ -590,7 +623,8 @@ impl ProjectionStore for SqliteProjections {
             };
             for g in &old {
                 tx.execute_batch(&format!(
-                    "DROP TABLE IF EXISTS dispatches_{g}; DROP TABLE IF EXISTS seen_{g};
+                    "DROP TABLE IF EXISTS dispatches_{g}; DROP TABLE IF EXISTS seen_by_time_{g};
+                     DROP TABLE IF EXISTS seen_{g};
                      DROP TABLE IF EXISTS suppressions_{g}; DROP TABLE IF EXISTS contacts_{g};"
                 ))
                 .map_err(unavailable)?;
@@ -657,7 +691,10 @@ mod tests {
         let mut out = Vec::new();
         for (table, cols) in [
             ("dispatches", "tenant, dispatch_key, state"),
-            ("seen", "tenant, event_key, ''"),
+            (
+                "seen_by_time",
+                "tenant, event_key, CAST(occurred_at_ms AS TEXT)",
+            ),
             ("suppressions", "tenant, email || '/' || reason, state"),
             ("contacts", "tenant, email, state"),
         ] {
@@ -917,6 +954,68 @@ mod tests {
             store.generations().await.unwrap()[0].checkpoints,
             Positions::from([(0, 7)])
         );
+    }
+
+    #[tokio::test]
+    async fn a_generation_keeping_its_keys_in_seen_still_dedupes_against_them_until_rebuilt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, store) = open(&dir, "old-seen.db");
+        let opened = |key: &str, at: i64| ev(key, "a", EventKind::Opened, at);
+        {
+            // Generation 1 as stores wrote it before `seen_by_time`: keys alone, one of them
+            // already folded (its time is not recorded there).
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE seen_1 (tenant TEXT NOT NULL, event_key TEXT NOT NULL,
+                    PRIMARY KEY (tenant, event_key)) WITHOUT ROWID;
+                 INSERT INTO seen_1 VALUES ('t1', 'k1');",
+            )
+            .unwrap();
+        }
+        store
+            .apply(Batch::single(
+                0,
+                vec![
+                    rec(1, opened("k1", 10)),
+                    rec(2, opened("k2", 20)),
+                    rec(3, opened("k2", 20)),
+                ],
+            ))
+            .await
+            .unwrap();
+        let opens = |row: Option<DispatchRow>| row.unwrap().opens;
+        assert_eq!(
+            opens(store.dispatch("t1", "a").await.unwrap()),
+            1,
+            "k1 was folded before"
+        );
+        // A rebuild folds both into a new generation and drops the old tables with generation 1.
+        let g = store
+            .create_generation(&Positions::from([(0, 1)]))
+            .await
+            .unwrap();
+        store
+            .apply_to(
+                g,
+                Batch::single(0, vec![rec(1, opened("k1", 10)), rec(2, opened("k2", 20))]),
+            )
+            .await
+            .unwrap();
+        store
+            .switch_to(g, vec![0], Box::new(|_, _, _| Ok(Vec::new())))
+            .await
+            .unwrap();
+        assert_eq!(store.drop_old().await.unwrap(), vec![1]);
+        assert_eq!(opens(store.dispatch("t1", "a").await.unwrap()), 2);
+        let c = Connection::open(&path).unwrap();
+        let left: i64 = c
+            .query_row(
+                "SELECT count(*) FROM sqlite_schema WHERE name LIKE 'seen%1'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(left, 0, "generation 1's key tables are dropped");
     }
 
     /// Events over 3 partitions, every copy of an event key in one partition (as the log must

@@ -392,7 +392,8 @@ pub fn attribute(
 }
 
 /// A stable identity for a happening, from the fields that define it (never from an id the ESP
-/// may change on retry). 128 bits of SHA-256, hex.
+/// may change on retry), the event's time among them: `DeliveryEvent::event_key` must bind
+/// `occurred_at_ms`. 128 bits of SHA-256, hex.
 pub fn event_key(parts: &[&str]) -> String {
     let mut h = Sha256::new();
     for p in parts {
