@@ -58,7 +58,8 @@ const MAX_GROUP: usize = 2048;
 const CHECKPOINT_EVERY: Duration = Duration::from_millis(200);
 /// WAL size past which the writer checkpoints once so the WAL can start over (see `WalBound`):
 /// about four seconds of SendGrid batches at the peak BENCHMARKS.md measures, so that the disk
-/// holds at most that much beside the log, and the writer waits for it rarely.
+/// holds about that much beside the log (the WAL file keeps this size), and the writer waits
+/// for it rarely.
 const MAX_WAL_BYTES: u64 = 256 << 20;
 
 enum Write {
@@ -87,25 +88,49 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
     Ok(c)
 }
 
+/// The writer's busy handler: a short, even poll instead of SQLite's default backoff (waits of
+/// 1, 2, 5 ... 100 ms). The writer meets a busy database in `WalBound`'s checkpoint, which
+/// waits for a moment when no reader is in the WAL; readers come and go within a millisecond,
+/// but the backoff looked again only after tens of milliseconds, so every WAL restart held all
+/// webhook answers for 130-220 ms. Gives up after `WRITER_BUSY_TRIES` polls, as
+/// `busy_timeout(5 s)` did.
+fn writer_busy(tries: i32) -> bool {
+    std::thread::sleep(WRITER_BUSY_POLL);
+    tries < WRITER_BUSY_TRIES
+}
+
+const WRITER_BUSY_POLL: Duration = Duration::from_micros(200);
+const WRITER_BUSY_TRIES: i32 = 25_000;
+
 impl SqliteLog {
     /// Opens (creating if needed) the log at `path`. `append_timeout` bounds how long a webhook
     /// waits for durability before it is answered 503.
     pub fn open(path: &Path, append_timeout: Duration) -> Result<Arc<SqliteLog>, LogError> {
         let conn = connect(path).map_err(unavailable)?;
         conn.execute_batch(SCHEMA).map_err(unavailable)?;
+        conn.busy_handler(Some(writer_busy)).map_err(unavailable)?;
         // 16 MiB of page cache for the writer (SQLite's default is 2 MiB): the events table's
         // indexes take inserts all over, and re-reading their pages was a syscall each.
         conn.execute_batch("PRAGMA cache_size=-16384;")
             .map_err(unavailable)?;
-        let checkpointer =
-            Checkpointer::start(&conn, connect(path).map_err(unavailable)?, CHECKPOINT_EVERY)
-                .map_err(unavailable)?;
+        // Each normalizer batch runs in a savepoint, whose journal of the pages it changes
+        // SQLite spills to a temporary file past 64 KiB: a page write and read back per page.
+        // In memory it stays a copy.
+        conn.execute_batch("PRAGMA temp_store=MEMORY;")
+            .map_err(unavailable)?;
+        let checkpointer = Checkpointer::start(
+            &conn,
+            connect(path).map_err(unavailable)?,
+            CHECKPOINT_EVERY,
+            MAX_WAL_BYTES,
+        )
+        .map_err(unavailable)?;
         let (tx, rx) = mpsc::channel(16 * 1024);
         let envelopes_appended = Arc::new(Notify::new());
         let events_appended = Arc::new(Notify::new());
         {
             let (ea, ev) = (envelopes_appended.clone(), events_appended.clone());
-            let bound = WalBound::new(path, MAX_WAL_BYTES);
+            let bound = checkpointer.bound();
             std::thread::Builder::new()
                 .name("log-writer".into())
                 .spawn(move || writer_loop(conn, rx, ea, ev, bound))
