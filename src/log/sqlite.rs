@@ -91,9 +91,9 @@ fn connect(path: &Path) -> rusqlite::Result<Connection> {
 /// The writer's busy handler: a short, even poll instead of SQLite's default backoff (waits of
 /// 1, 2, 5 ... 100 ms). The writer meets a busy database in `WalBound`'s checkpoint, which
 /// waits for a moment when no reader is in the WAL; readers come and go within a millisecond,
-/// but the backoff looked again only after tens of milliseconds, so every WAL restart held all
-/// webhook answers for 130-220 ms. Gives up after `WRITER_BUSY_TRIES` polls, as
-/// `busy_timeout(5 s)` did.
+/// and every webhook answer waits while the writer does, so it looks again within 200 us
+/// rather than after a backoff of tens of milliseconds. Gives up after `WRITER_BUSY_TRIES`
+/// polls, as `busy_timeout(5 s)` did.
 fn writer_busy(tries: i32) -> bool {
     std::thread::sleep(WRITER_BUSY_POLL);
     tries < WRITER_BUSY_TRIES
