@@ -13,6 +13,7 @@ RUN apt-get update \
 WORKDIR /src
 # Only what the binary is built from (see .dockerignore); tests and fixtures stay out.
 COPY Cargo.toml Cargo.lock ./
+COPY .cargo ./.cargo
 COPY src ./src
 COPY schemas ./schemas
 COPY benches ./benches

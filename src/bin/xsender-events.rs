@@ -13,6 +13,12 @@ use xsender_events::secret::Secret;
 /// malloc, memory freed on one thread is kept in that thread's arena, and a server with tokio
 /// workers, a blocking pool, the log writer and librdkafka's threads grew to ~1.5–2× the RSS it
 /// needed (BENCHMARKS.md, "Peak RSS"). jemalloc returns unused pages to the system over time.
+///
+/// Its options are compiled in from `.cargo/config.toml` (`MALLOC_CONF` overrides them): its
+/// defaults keep freed pages for 10 s and make 4 arenas per core, so bursts (SendGrid batches,
+/// normalizer and projector batches) left their peak resident; with 2 arenas and pages given
+/// back after a second by jemalloc's own thread, the load harness's peak RSS went from 184 to
+/// 139 MiB in a back-to-back pair, with no loss of throughput.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
