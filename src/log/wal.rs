@@ -61,19 +61,15 @@ impl Checkpointer {
                         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                     });
                     match done {
-                        // Right after a pass that copied everything, starting over costs the
-                        // writer only the frames of the groups since (one fsync of a few pages);
-                        // at twice the bound it starts over whatever is left to copy.
+                        // Right after a pass (copied and synced), starting over costs the writer
+                        // only the frames written since: one sync of a few pages.
                         Ok((frames, copied)) => {
                             if let (Some(db), true) = (&db, copied > 0) {
                                 if let Err(e) = db.sync_data() {
                                     tracing::debug!(error = %e, "log database sync failed");
                                 }
                             }
-                            let frames = frames.max(0) as u64;
-                            if frames > max_frames
-                                && (copied == frames as i64 || frames > 2 * max_frames)
-                            {
+                            if frames.max(0) as u64 > max_frames {
                                 ask.store(true, Ordering::Release);
                             }
                         }
@@ -112,7 +108,7 @@ impl Drop for Checkpointer {
 /// 4 GB WAL beside the log; a RESTART checkpoint from the background thread starved behind the
 /// writer). So the writer itself, between two transactions and after answering, runs a RESTART
 /// checkpoint when the checkpointer saw the WAL past the bound: it copies what the background
-/// passes have not (little, as it is asked right after a pass that copied everything), waits for
+/// passes have not (little: it is asked right after a pass, whose pages are synced), waits for
 /// readers to leave the old frames, and the next write starts the WAL over from its beginning.
 /// RESTART rather than TRUNCATE: emptying a 256 MiB WAL took ext4 124-132 ms in `ftruncate`
 /// (and the writes after it allocated the file's blocks again), with every webhook answer held
