@@ -1,8 +1,8 @@
 //! The embedded log: one SQLite file (WAL, `synchronous=FULL`). All writes go through one
 //! writer thread that takes every request waiting in its queue into a single transaction, so
 //! concurrent webhook requests share one fsync (group commit). Readers use their own
-//! connections, which WAL lets run beside the writer; a background thread checkpoints the WAL
-//! so the writer never does.
+//! connections, which WAL lets run beside the writer; a background thread checkpoints the WAL,
+//! so the writer only starts it over, between groups, once it passes its bound (`wal.rs`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};

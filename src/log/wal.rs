@@ -56,7 +56,10 @@ impl Checkpointer {
         std::thread::Builder::new()
             .name("log-checkpoint".into())
             .spawn(move || {
-                let pass = || {
+                // Frames copied back as of the last pass: `copied` counts from the WAL's start,
+                // so only a change means this pass wrote pages to the database file.
+                let mut last_copied = 0;
+                let mut pass = || {
                     let done = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| {
                         Ok((r.get::<_, i64>(1)?, r.get::<_, i64>(2)?))
                     });
@@ -64,11 +67,12 @@ impl Checkpointer {
                         // Right after a pass (copied and synced), starting over costs the writer
                         // only the frames written since: one sync of a few pages.
                         Ok((frames, copied)) => {
-                            if let (Some(db), true) = (&db, copied > 0) {
-                                if let Err(e) = db.sync_data() {
+                            if copied > 0 && copied != last_copied {
+                                if let Some(Err(e)) = db.as_ref().map(std::fs::File::sync_data) {
                                     tracing::debug!(error = %e, "log database sync failed");
                                 }
                             }
+                            last_copied = copied;
                             if frames.max(0) as u64 > max_frames {
                                 ask.store(true, Ordering::Release);
                             }
@@ -126,11 +130,14 @@ impl WalBound {
             return;
         }
         let began = std::time::Instant::now();
-        match writer.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(())) {
-            Ok(()) => {
+        // A checkpoint that could not finish (readers stayed) says so in its first column,
+        // `busy`, not as an error.
+        match writer.query_row("PRAGMA wal_checkpoint(RESTART)", [], |r| r.get::<_, i64>(0)) {
+            Ok(0) => {
                 self.restarts.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(ms = began.elapsed().as_millis() as u64, "log WAL restarted")
             }
+            Ok(_) => tracing::debug!("log WAL restart postponed: readers still in the WAL"),
             Err(e) => tracing::debug!(error = %e, "log WAL restart postponed"),
         }
     }
