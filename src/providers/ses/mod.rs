@@ -33,15 +33,15 @@ use sha2::{Digest, Sha256};
 use tokio::sync::OnceCell;
 
 use super::{
-    attribute, body_prefix, dead, event_key, malformed_body, normalize_email, parse_body,
-    str_field, Credentials, Normalized, Provider, ProviderSettings, Rejection, Verified,
-    WebhookRequest, XsMeta,
+    attribute, body_prefix, dead, event_key, malformed_body, normalize_email, str_field,
+    Credentials, Normalized, Provider, ProviderSettings, Rejection, Verified, WebhookRequest,
+    XsMeta,
 };
 use crate::event::{BounceClass, DeliveryEvent, EventKind, RawEnvelope};
 use crate::tenants::TenantSet;
 use sns::{
     check_cert_url, check_subscribe_url, verify_signature, CertCache, DangerousTestTrust, Envelope,
-    FetchError, MessageType, ReqwestSnsHttp, SnsHttp, TopicArn,
+    FetchError, Field, MessageType, ReqwestSnsHttp, Scanned, SnsHttp, TopicArn,
 };
 
 /// What SES publishes once to a topic newly set as an event destination. Not JSON, not an
@@ -495,12 +495,14 @@ impl Provider for Ses {
     }
 
     fn normalize(&self, env: &RawEnvelope) -> Vec<Normalized> {
-        let obj = match parse_body(env) {
-            Ok(Value::Object(o)) => o,
-            Ok(_) => return vec![malformed_body(env, "SNS envelope is not a JSON object")],
-            Err(dead) => return vec![*dead],
+        let obj = match Scanned::scan(&env.body) {
+            Ok(Scanned::Object(o)) => o,
+            Ok(Scanned::NotObject) => {
+                return vec![malformed_body(env, "SNS envelope is not a JSON object")]
+            }
+            Err(e) => return vec![malformed_body(env, format!("body is not valid JSON: {e}"))],
         };
-        match str_field(&obj, "Type") {
+        match obj.ty.as_ref().and_then(Field::text) {
             Some("Notification") => {}
             // Handshakes stay in the raw log (and the admin API); they are not delivery events.
             Some("SubscriptionConfirmation" | "UnsubscribeConfirmation") => return vec![],
@@ -511,7 +513,7 @@ impl Provider for Ses {
                 )]
             }
         }
-        let Some(message) = obj.get("Message").and_then(Value::as_str) else {
+        let Some(Field::Str(message)) = &obj.message else {
             return vec![dead(
                 env,
                 "missing_field",
@@ -519,7 +521,7 @@ impl Provider for Ses {
                 body_prefix(&env.body),
             )];
         };
-        let sns_id = str_field(&obj, "MessageId");
+        let sns_id = obj.message_id.as_ref().and_then(Field::text);
         normalize_message(env, message, sns_id)
     }
 

@@ -12,6 +12,7 @@
 //! days with a custom policy), so a window would refuse legitimate retries. A replayed genuine
 //! message is harmless: its events have the same keys and are counted once.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,7 +28,6 @@ use ring::signature::{
 use rsa::pkcs8::DecodePublicKey;
 use rsa::traits::PublicKeyParts;
 use rsa::RsaPublicKey;
-use serde_json::{Map, Value};
 use tokio::sync::OnceCell;
 use url::{Host, Url};
 use x509_cert::der::{DecodePem, Encode};
@@ -165,10 +165,184 @@ pub struct Envelope {
     pub token: Option<String>,
 }
 
-fn req_str<'a>(obj: &'a Map<String, Value>, k: &str, kind: &str) -> Result<&'a str, Rejection> {
-    match obj.get(k) {
-        Some(Value::String(s)) if !s.is_empty() => Ok(s),
-        Some(Value::String(_)) => Err(Rejection::malformed(format!(
+/// One top-level value of an SNS message as the JSON had it: a string (borrowed from the body
+/// when it has no escapes), `null`, or anything else (only ever reported as "not a string").
+#[derive(Debug)]
+pub enum Field<'a> {
+    Str(Cow<'a, str>),
+    Null,
+    Other,
+}
+
+impl<'a> Field<'a> {
+    /// The string, trimmed, if it is a non-empty one (what the normalizer reads).
+    pub fn text(&self) -> Option<&str> {
+        match self {
+            Field::Str(s) => Some(s.trim()).filter(|s| !s.is_empty()),
+            _ => None,
+        }
+    }
+}
+
+/// The top-level fields of an SNS message that verification and normalization read; every
+/// other field (`MessageAttributes`, `UnsubscribeURL`, …) is skipped without being built.
+///
+/// Scanning into this instead of a `serde_json::Value` map saves building a map of owned keys
+/// and values for every request (SES's whole request is one RSA verification and this). A key
+/// given twice keeps its last value, as a `Value` map would: logs written before must
+/// normalize as they did.
+#[derive(Debug, Default)]
+pub struct Fields<'a> {
+    pub ty: Option<Field<'a>>,
+    pub message_id: Option<Field<'a>>,
+    pub topic_arn: Option<Field<'a>>,
+    pub subject: Option<Field<'a>>,
+    pub message: Option<Field<'a>>,
+    pub timestamp: Option<Field<'a>>,
+    pub signature_version: Option<Field<'a>>,
+    pub signature: Option<Field<'a>>,
+    pub signing_cert_url: Option<Field<'a>>,
+    pub subscribe_url: Option<Field<'a>>,
+    pub token: Option<Field<'a>>,
+    /// An `eventType` or `notificationType` key: a bare SES record, not an SNS envelope.
+    pub ses_record_key: bool,
+}
+
+/// What a body is at its top level.
+// Lives on the stack for one request; boxing the fields would cost the allocation saved.
+#[allow(clippy::large_enum_variant)]
+pub enum Scanned<'a> {
+    Object(Fields<'a>),
+    /// Valid JSON, but not an object.
+    NotObject,
+}
+
+impl<'a> Scanned<'a> {
+    /// Scans a body; `Err` is serde_json's message for JSON that does not parse.
+    pub fn scan(body: &'a [u8]) -> Result<Scanned<'a>, serde_json::Error> {
+        serde_json::from_slice(body)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Field<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Field<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Borrowed(s)))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Owned(s.to_owned())))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Field<'de>, E> {
+                Ok(Field::Str(Cow::Owned(s)))
+            }
+            fn visit_unit<E>(self) -> Result<Field<'de>, E> {
+                Ok(Field::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Field<'de>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Field<'de>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Field<'de>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Field<'de>, E> {
+                Ok(Field::Other)
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Field<'de>, A::Error> {
+                serde::de::IgnoredAny.visit_seq(a).map(|_| Field::Other)
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, a: A) -> Result<Field<'de>, A::Error> {
+                serde::de::IgnoredAny.visit_map(a).map(|_| Field::Other)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Scanned<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::{IgnoredAny, MapAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Scanned<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("any JSON value")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Scanned<'de>, A::Error> {
+                let mut f = Fields::default();
+                // Keys as `Field`, not `Cow<str>`: serde's `Cow` always allocates.
+                while let Some(key) = a.next_key::<Field<'de>>()? {
+                    let Field::Str(key) = key else {
+                        unreachable!("JSON object keys are strings")
+                    };
+                    let slot = match &*key {
+                        "Type" => &mut f.ty,
+                        "MessageId" => &mut f.message_id,
+                        "TopicArn" => &mut f.topic_arn,
+                        "Subject" => &mut f.subject,
+                        "Message" => &mut f.message,
+                        "Timestamp" => &mut f.timestamp,
+                        "SignatureVersion" => &mut f.signature_version,
+                        "Signature" => &mut f.signature,
+                        "SigningCertURL" => &mut f.signing_cert_url,
+                        "SubscribeURL" => &mut f.subscribe_url,
+                        "Token" => &mut f.token,
+                        other => {
+                            if other == "eventType" || other == "notificationType" {
+                                f.ses_record_key = true;
+                            }
+                            a.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    *slot = Some(a.next_value::<Field<'de>>()?);
+                }
+                Ok(Scanned::Object(f))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                a: A,
+            ) -> Result<Scanned<'de>, A::Error> {
+                IgnoredAny.visit_seq(a).map(|_| Scanned::NotObject)
+            }
+            fn visit_borrowed_str<E>(self, _: &'de str) -> Result<Scanned<'de>, E> {
+                Ok(Scanned::NotObject)
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Scanned<'de>, E> {
+                Ok(Scanned::NotObject)
+            }
+            fn visit_unit<E>(self) -> Result<Scanned<'de>, E> {
+                Ok(Scanned::NotObject)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Scanned<'de>, E> {
+                Ok(Scanned::NotObject)
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Scanned<'de>, E> {
+                Ok(Scanned::NotObject)
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Scanned<'de>, E> {
+                Ok(Scanned::NotObject)
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Scanned<'de>, E> {
+                Ok(Scanned::NotObject)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+fn req_str<'f>(field: &'f Option<Field<'_>>, k: &str, kind: &str) -> Result<&'f str, Rejection> {
+    match field {
+        Some(Field::Str(s)) if !s.is_empty() => Ok(s),
+        Some(Field::Str(_)) => Err(Rejection::malformed(format!(
             "SNS {kind} field '{k}' is empty"
         ))),
         Some(_) => Err(Rejection::malformed(format!(
@@ -189,9 +363,9 @@ impl Envelope {
     /// Checks everything that can be checked without the network: the type header agrees with
     /// the body, every field the signature covers is present, the signature decodes.
     pub fn parse(body: &[u8], headers: &HeaderMap) -> Result<Envelope, Rejection> {
-        let obj = match serde_json::from_slice::<Value>(body) {
-            Ok(Value::Object(o)) => o,
-            Ok(_) => {
+        let mut obj = match Scanned::scan(body) {
+            Ok(Scanned::Object(o)) => o,
+            Ok(Scanned::NotObject) => {
                 return Err(Rejection::malformed(
                     "Amazon SNS posts one JSON object per message; got another JSON type",
                 ))
@@ -204,18 +378,14 @@ impl Envelope {
                 .and_then(|v| v.to_str().ok())
                 .map(str::trim)
         };
-        if !obj.contains_key("Type")
-            && (obj.contains_key("eventType")
-                || obj.contains_key("notificationType")
-                || header(RAW_DELIVERY_HEADER) == Some("true"))
-        {
+        if obj.ty.is_none() && (obj.ses_record_key || header(RAW_DELIVERY_HEADER) == Some("true")) {
             return Err(Rejection::malformed(
                 "this is a bare SES record without its SNS envelope: turn off 'raw message \
                  delivery' on the SNS subscription (only the envelope is signed, so raw messages \
                  cannot be verified)",
             ));
         }
-        let type_body = req_str(&obj, "Type", "message")?;
+        let type_body = req_str(&obj.ty, "Type", "message")?;
         let kind = MessageType::parse(type_body).ok_or_else(|| {
             Rejection::malformed(format!(
                 "unknown SNS message Type '{type_body}' (expected SubscriptionConfirmation, \
@@ -237,7 +407,7 @@ impl Envelope {
             Some(_) => {}
         }
         let k = kind.as_str();
-        let topic_raw = req_str(&obj, "TopicArn", k)?;
+        let topic_raw = req_str(&obj.topic_arn, "TopicArn", k)?;
         let topic = TopicArn::parse(topic_raw).map_err(Rejection::malformed)?;
         if let Some(h) = header(TOPIC_ARN_HEADER) {
             if h != topic.arn {
@@ -247,11 +417,11 @@ impl Envelope {
                 )));
             }
         }
-        let message_id = req_str(&obj, "MessageId", k)?.to_string();
+        let message_id = req_str(&obj.message_id, "MessageId", k)?.to_string();
         // `Message` may legitimately be empty in a Notification, but it must be there: it is
         // part of the string to sign.
-        let message = match obj.get("Message") {
-            Some(Value::String(s)) => s.clone(),
+        let message = match obj.message.take() {
+            Some(Field::Str(s)) => s.into_owned(),
             Some(_) => {
                 return Err(Rejection::malformed(format!(
                     "SNS {k} field 'Message' must be a string"
@@ -263,8 +433,8 @@ impl Envelope {
                 )))
             }
         };
-        let timestamp = req_str(&obj, "Timestamp", k)?.to_string();
-        let signature_version = match req_str(&obj, "SignatureVersion", k)? {
+        let timestamp = req_str(&obj.timestamp, "Timestamp", k)?.to_string();
+        let signature_version = match req_str(&obj.signature_version, "SignatureVersion", k)? {
             "1" => SignatureVersion::V1,
             "2" => SignatureVersion::V2,
             other => {
@@ -274,14 +444,17 @@ impl Envelope {
             }
         };
         let signature = B64
-            .decode(req_str(&obj, "Signature", k)?.as_bytes())
+            .decode(req_str(&obj.signature, "Signature", k)?.as_bytes())
             .map_err(|e| {
                 Rejection::unauthorized(format!("SNS Signature is not valid base64 ({e})"))
             })?;
-        let signing_cert_url = parse_url(req_str(&obj, "SigningCertURL", k)?, "SigningCertURL")?;
-        let subject = match (kind, obj.get("Subject")) {
-            (MessageType::Notification, Some(Value::String(s))) => Some(s.clone()),
-            (MessageType::Notification, Some(Value::Null) | None) => None,
+        let signing_cert_url = parse_url(
+            req_str(&obj.signing_cert_url, "SigningCertURL", k)?,
+            "SigningCertURL",
+        )?;
+        let subject = match (kind, obj.subject.take()) {
+            (MessageType::Notification, Some(Field::Str(s))) => Some(s.into_owned()),
+            (MessageType::Notification, Some(Field::Null) | None) => None,
             (MessageType::Notification, Some(_)) => {
                 return Err(Rejection::malformed(
                     "SNS Notification field 'Subject' must be a string",
@@ -293,11 +466,11 @@ impl Envelope {
         let (subscribe_url, subscribe_url_signed, token) = match kind {
             MessageType::Notification => (None, None, None),
             _ => {
-                let raw = req_str(&obj, "SubscribeURL", k)?;
+                let raw = req_str(&obj.subscribe_url, "SubscribeURL", k)?;
                 (
                     Some(parse_url(raw, "SubscribeURL")?),
                     Some(raw.to_string()),
-                    Some(req_str(&obj, "Token", k)?.to_string()),
+                    Some(req_str(&obj.token, "Token", k)?.to_string()),
                 )
             }
         };

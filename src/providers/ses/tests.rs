@@ -1381,3 +1381,83 @@ proptest::proptest! {
         let _ = Envelope::parse(text.as_bytes(), &HeaderMap::new());
     }
 }
+
+/// What a `serde_json::Value` map says of a field, in the scanner's terms.
+fn value_field(obj: &serde_json::Map<String, Value>, k: &str) -> Option<String> {
+    obj.get(k).map(|v| match v {
+        Value::String(s) => format!("str:{s}"),
+        Value::Null => "null".into(),
+        _ => "other".into(),
+    })
+}
+
+fn scanned_field(f: &Option<Field<'_>>) -> Option<String> {
+    f.as_ref().map(|f| match f {
+        Field::Str(s) => format!("str:{s}"),
+        Field::Null => "null".into(),
+        Field::Other => "other".into(),
+    })
+}
+
+proptest::proptest! {
+    /// The envelope scanner reads each field exactly as a `Value` map of the same body does
+    /// (escapes decoded, a repeated key's last value, non-strings told apart from null), and
+    /// calls exactly the bodies a `Value` parse rejects invalid: verification and the
+    /// normalizer used `Value` before, and logs written then must normalize as they did.
+    #[test]
+    fn the_envelope_scanner_reads_what_a_value_map_reads(
+        pairs in proptest::collection::vec((
+            proptest::sample::select(vec!["Type", "Message", "MessageId", "Subject", "Token", "eventType", "x", "Signature"]),
+            arb_json(),
+        ), 0..8),
+        escaped in "[a-z\"\\\\\n\t\u{e9}]{0,12}",
+        tail in proptest::sample::select(vec!["", " ", "x", "}", ",", "\n"]),
+    ) {
+        // Written by hand so repeated keys reach the parsers (a `Value` map would merge them).
+        let mut body = String::from("{");
+        for (i, (k, v)) in pairs.iter().enumerate() {
+            if i > 0 { body.push(','); }
+            let v = if *k == "Message" && i % 2 == 0 { Value::String(escaped.clone()) } else { v.clone() };
+            body.push_str(&format!("{}:{}", Value::String(k.to_string()), v));
+        }
+        body.push('}');
+        body.push_str(tail);
+        let by_value = serde_json::from_slice::<Value>(body.as_bytes());
+        match (Scanned::scan(body.as_bytes()), by_value) {
+            (Ok(Scanned::Object(f)), Ok(Value::Object(o))) => {
+                for (k, got) in [("Type", &f.ty), ("Message", &f.message), ("MessageId", &f.message_id), ("Subject", &f.subject), ("Token", &f.token), ("Signature", &f.signature)] {
+                    proptest::prop_assert_eq!(scanned_field(got), value_field(&o, k), "field {} of {}", k, body);
+                }
+                proptest::prop_assert_eq!(f.ses_record_key, o.contains_key("eventType"));
+            }
+            (Err(_), Err(_)) => {}
+            (Ok(Scanned::NotObject), Ok(v)) => proptest::prop_assert!(!v.is_object()),
+            (a, b) => proptest::prop_assert!(false, "scanner {:?} vs Value {:?} on {}", a.is_ok(), b.map(|_| ()), body),
+        }
+    }
+}
+
+#[test]
+fn the_envelope_scanner_borrows_plain_strings_and_tells_other_top_levels_apart() {
+    let body = br#"{"Type":"Notification","Message":"{\"a\":1}","MessageAttributes":{"k":{"Type":"String"}},"Subject":null,"Token":7}"#;
+    let Ok(Scanned::Object(f)) = Scanned::scan(body) else {
+        panic!("an object")
+    };
+    assert!(matches!(
+        f.ty,
+        Some(Field::Str(std::borrow::Cow::Borrowed("Notification")))
+    ));
+    assert!(
+        matches!(&f.message, Some(Field::Str(std::borrow::Cow::Owned(m))) if m == r#"{"a":1}"#)
+    );
+    assert!(matches!(f.subject, Some(Field::Null)));
+    assert!(matches!(f.token, Some(Field::Other)));
+    assert!(
+        f.message_id.is_none(),
+        "a nested object's Type is not the envelope's"
+    );
+    for other in [&b"[1,2]"[..], b"\"s\"", b"3", b"null", b"true"] {
+        assert!(matches!(Scanned::scan(other), Ok(Scanned::NotObject)));
+    }
+    assert!(Scanned::scan(b"{\"Type\":").is_err());
+}
