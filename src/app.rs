@@ -29,7 +29,7 @@ use crate::projection::cql::CqlProjections;
 use crate::projection::sqlite::SqliteProjections;
 use crate::projection::{Batch, Partition, Positions, ProjectionStore};
 use crate::providers::replay_cql::CqlReplayGuard;
-use crate::providers::{registry, ProviderSettings, ReplayGuard};
+use crate::providers::{registry, MemoryReplayGuard, ProviderSettings, ReplayGuard};
 use crate::shutdown::{self, Trigger};
 use crate::stages::{normalizer::Normalizer, projector};
 use crate::tenants::{
@@ -81,7 +81,6 @@ impl Running {
 /// live there (every ingress replica shares it, see `CqlReplayGuard`), otherwise in this
 /// process's memory (the embedded default: one process).
 pub async fn provider_settings(cfg: &ServeConfig) -> anyhow::Result<ProviderSettings> {
-    let defaults = ProviderSettings::default();
     let replay_guard: Arc<dyn ReplayGuard> = match cfg.projection_store {
         // Only ingress spends tokens; the other roles never call the guard.
         ProjectionStoreKind::Cql if cfg.role.runs_ingress() => Arc::new(
@@ -89,7 +88,7 @@ pub async fn provider_settings(cfg: &ServeConfig) -> anyhow::Result<ProviderSett
                 .await
                 .context("opening the CQL replay guard")?,
         ),
-        _ => defaults.replay_guard,
+        _ => Arc::new(MemoryReplayGuard::new(cfg.replay_cache_entries)),
     };
     Ok(ProviderSettings {
         timestamp_tolerance: Duration::from_secs(cfg.timestamp_tolerance_secs),

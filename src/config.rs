@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::projection::cql::CqlSettings;
+use crate::providers::MemoryReplayGuard;
 use crate::secret::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -26,6 +27,12 @@ pub struct ServeConfig {
     pub max_body_bytes: usize,
     /// How far a signed timestamp may be from our clock (SendGrid, Mailgun), in seconds.
     pub timestamp_tolerance_secs: u64,
+    /// Mailgun tokens the embedded replay guard remembers at once (each for as long as its
+    /// timestamp is acceptable): at least sustained Mailgun requests/s ×
+    /// `timestamp_tolerance_secs`, or Mailgun gets 503s saying the cache is full. Reserved at
+    /// the first Mailgun request, ~34 bytes each (17 MiB for the default 500,000). With
+    /// `projection_store = "cql"` tokens live in the keyspace instead and this is unused.
+    pub replay_cache_entries: usize,
     /// How long a webhook waits for its envelope to be durable before it gets 503.
     pub append_timeout_ms: u64,
     /// Read/admin API rate limit per client IP: sustained requests per second…
@@ -146,6 +153,7 @@ impl Default for ServeConfig {
             admin_token: None,
             max_body_bytes: 16 * 1024 * 1024,
             timestamp_tolerance_secs: 600,
+            replay_cache_entries: MemoryReplayGuard::DEFAULT_CAPACITY,
             append_timeout_ms: 10_000,
             rate_limit_per_second: 50,
             rate_limit_burst: 100,
@@ -203,6 +211,14 @@ impl ServeConfig {
         }
         if self.append_timeout_ms == 0 {
             return bad("append_timeout_ms must be at least 1");
+        }
+        // 1 to 100 million: the table is reserved whole (~34 bytes an entry), so a stray digit
+        // would take gigabytes at the first Mailgun request.
+        if !(1..=100_000_000).contains(&self.replay_cache_entries) {
+            return bad(
+                "replay_cache_entries must be 1 to 100000000 (about sustained Mailgun requests/s \
+                 × timestamp_tolerance_secs; ~34 bytes each)",
+            );
         }
         if let Some(t) = &self.admin_token {
             if t.expose().len() < 16 {
@@ -305,6 +321,21 @@ mod tests {
         let e = toml::from_str::<ServeConfig>("projection_store = \"mongo\"").unwrap_err();
         assert!(e.to_string().contains("sqlite"), "{e}");
         assert!(toml::from_str::<ServeConfig>("cql_node = []").is_err());
+    }
+
+    #[test]
+    fn replay_cache_entries_is_set_in_toml_and_bounded() {
+        let c: ServeConfig = toml::from_str("replay_cache_entries = 2000000").unwrap();
+        assert_eq!(c.replay_cache_entries, 2_000_000);
+        c.validate().unwrap();
+        for bad in [0, 1_000_000_000] {
+            let c = ServeConfig {
+                replay_cache_entries: bad,
+                ..ServeConfig::default()
+            };
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("replay_cache_entries must be 1 to"), "{e}");
+        }
     }
 
     #[test]

@@ -191,6 +191,35 @@ async fn mailgun_replays_stale_and_forged_requests_are_refused(backend: Backend)
     assert_eq!(h.envelope_count(), before, "refusals wrote nothing");
 }
 
+/// The embedded replay guard holds `replay_cache_entries` live tokens: one more gets a 503
+/// (Mailgun retries it) whose reason names the setting, and nothing of it is stored.
+#[tokio::test]
+async fn a_full_replay_cache_answers_503_naming_its_setting() {
+    let h = Harness::embedded_with(vec![TenantSpec::new("acme")], |c| {
+        c.replay_cache_entries = 2;
+    })
+    .await;
+    let data = event_data("delivered");
+    for _ in 0..2 {
+        let (s, b) = post_mailgun(&h, &data).await;
+        assert_eq!(s, 200, "{b}");
+    }
+    let before = h.envelope_count();
+    let (s, b) = post_mailgun(&h, &data).await;
+    assert_eq!(
+        (s, b["error"].as_str()),
+        (503, Some("replay_guard_unavailable")),
+        "{b}"
+    );
+    let m = b["message"].as_str().unwrap();
+    assert!(m.contains("replay_cache_entries"), "{m}");
+    assert_eq!(
+        h.envelope_count(),
+        before,
+        "the refused request wrote nothing"
+    );
+}
+
 /// Mailjet: credentials required; a grouped array of mixed events projects; a MessageID past
 /// 2^53 survives to the API digit for digit.
 async fn mailjet_grouped_events_project_and_big_ids_survive(backend: Backend) {

@@ -12,6 +12,7 @@ pub mod ses;
 
 use std::any::Any;
 use std::collections::{BTreeSet, HashMap};
+use std::hash::BuildHasherDefault;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -79,7 +80,8 @@ impl std::fmt::Debug for ProviderSettings {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayGuardError {
     #[error(
-        "replay cache is full ({0} live tokens); raise its capacity or lower the timestamp tolerance"
+        "replay cache is full ({0} live tokens): raise replay_cache_entries (about sustained \
+         Mailgun requests/s × timestamp_tolerance_secs) or lower timestamp_tolerance_secs"
     )]
     Full(usize),
     #[error("replay store unavailable: {0}")]
@@ -112,10 +114,19 @@ pub trait ReplayGuard: Send + Sync + 'static {
 }
 
 /// A bounded in-memory [`ReplayGuard`] for the embedded (single-process) deployment. Entries
-/// are 128-bit hashes of `(scope, token)`, dropped once expired. When full of live entries it
+/// are 64-bit hashes of `(scope, token)`, dropped once expired. When full of live entries it
 /// refuses ([`ReplayGuardError::Full`], a 503 the ESP retries) rather than evicting a live
 /// token, which would silently reopen a replay. A restart forgets everything; the timestamp
 /// tolerance still bounds replays to that window.
+///
+/// Memory: every accepted Mailgun request is remembered for the timestamp tolerance (10
+/// minutes by default), so at a steady rate the guard grows for that long before purges keep
+/// pace. The hash table is therefore reserved for the whole capacity at the first token (16
+/// bytes and a control byte per slot: 17 MiB for the default 500,000), so it never grows or
+/// rehashes under the lock while requests wait; what still grows with the live tokens is the
+/// expiry index, ~30 bytes each. (The first version kept 16-byte ids in a growing map and a
+/// second copy in the index, ~80 bytes per token: at the load harness's 930 Mailgun requests/s
+/// that was the server's RSS rising ~6 MiB a minute.)
 pub struct MemoryReplayGuard {
     capacity: usize,
     state: Mutex<ReplayState>,
@@ -123,14 +134,34 @@ pub struct MemoryReplayGuard {
 
 #[derive(Default)]
 struct ReplayState {
-    expires: HashMap<[u8; 16], i64>,
+    /// Token id → when it expires (ms). Empty with no memory until the first token.
+    expires: HashMap<u64, i64, BuildHasherDefault<IdHasher>>,
     /// The same entries ordered by expiry, to purge the expired ones cheaply.
-    by_expiry: BTreeSet<(i64, [u8; 16])>,
+    by_expiry: BTreeSet<(i64, u64)>,
+}
+
+/// The ids are already uniform (a SHA-256 prefix), so the table uses them as their own hash.
+#[derive(Default)]
+struct IdHasher(u64);
+
+impl std::hash::Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` keys are hashed (`write_u64`); fold anything else in all the same.
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
 }
 
 impl MemoryReplayGuard {
-    /// About 40 bytes per entry: 500k live tokens (~830 Mailgun requests/s over a 10-minute
-    /// window) cost about 20 MB.
+    /// Enough for ~830 Mailgun requests/s sustained over the default 10-minute tolerance
+    /// (`replay_cache_entries` in the config sizes it: requests/s × tolerance in seconds).
     pub const DEFAULT_CAPACITY: usize = 500_000;
 
     pub fn new(capacity: usize) -> Self {
@@ -147,6 +178,19 @@ impl MemoryReplayGuard {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Entries the hash table holds without growing (0 before the first token).
+    pub fn reserved(&self) -> usize {
+        self.state.lock().map(|s| s.expires.capacity()).unwrap_or(0)
+    }
+}
+
+/// The guard's key for `(scope, token)`: the first 8 bytes of [`replay_id`]. Two live tokens
+/// colliding (one refused as a replay) has odds of about n²/2⁶⁵ per window: ~7·10⁻⁹ with
+/// 500,000 live tokens.
+fn memory_id(scope: &str, token: &str) -> u64 {
+    let id = replay_id(scope, token);
+    u64::from_le_bytes(id[..8].try_into().expect("8 of 16 bytes"))
 }
 
 /// Length-prefixed so ("ab", "c") and ("a", "bc") never collide.
@@ -170,7 +214,7 @@ impl ReplayGuard for MemoryReplayGuard {
         now_ms: i64,
         expires_at_ms: i64,
     ) -> Result<bool, ReplayGuardError> {
-        let id = replay_id(scope, token);
+        let id = memory_id(scope, token);
         let mut st = self
             .state
             .lock()
@@ -188,13 +232,16 @@ impl ReplayGuard for MemoryReplayGuard {
         if st.expires.len() >= self.capacity {
             return Err(ReplayGuardError::Full(st.expires.len()));
         }
+        if st.expires.capacity() == 0 {
+            st.expires.reserve(self.capacity);
+        }
         st.expires.insert(id, expires_at_ms);
         st.by_expiry.insert((expires_at_ms, id));
         Ok(true)
     }
 
     async fn release(&self, scope: &str, token: &str) {
-        let id = replay_id(scope, token);
+        let id = memory_id(scope, token);
         if let Ok(mut st) = self.state.lock() {
             if let Some(exp) = st.expires.remove(&id) {
                 st.by_expiry.remove(&(exp, id));
@@ -554,5 +601,37 @@ mod replay_tests {
         );
         assert!(g.first_use("mailgun", "t2", 2000, 3000).await.unwrap());
         assert_eq!(g.len(), 1, "expired entries are purged");
+    }
+
+    #[tokio::test]
+    async fn the_table_is_reserved_once_at_the_first_token_and_never_grows() {
+        let g = MemoryReplayGuard::new(5_000);
+        assert_eq!(g.reserved(), 0, "no memory before the first token");
+        assert!(g.first_use("mailgun", "t0", 0, 1_000).await.unwrap());
+        let reserved = g.reserved();
+        assert!(reserved >= 5_000, "reserved {reserved} slots");
+        for i in 1..5_000 {
+            assert!(g
+                .first_use("mailgun", &format!("t{i}"), 0, 1_000)
+                .await
+                .unwrap());
+        }
+        assert_eq!(g.len(), 5_000);
+        assert_eq!(g.reserved(), reserved, "full, and never rehashed");
+        assert!(matches!(
+            g.first_use("mailgun", "one more", 0, 1_000).await,
+            Err(ReplayGuardError::Full(5_000))
+        ));
+        // Expired, all purged at once; the table is not grown (its reported capacity may dip
+        // while erased slots are marked deleted, never rise).
+        assert!(g.first_use("mailgun", "t0", 1_000, 2_000).await.unwrap());
+        assert_eq!(g.len(), 1);
+        for i in 1..5_000 {
+            assert!(g
+                .first_use("mailgun", &format!("t{i}"), 1_000, 2_000)
+                .await
+                .unwrap());
+        }
+        assert!(g.reserved() <= reserved, "{} > {reserved}", g.reserved());
     }
 }
