@@ -119,14 +119,15 @@ pub trait ReplayGuard: Send + Sync + 'static {
 /// token, which would silently reopen a replay. A restart forgets everything; the timestamp
 /// tolerance still bounds replays to that window.
 ///
-/// Memory: every accepted Mailgun request is remembered for the timestamp tolerance (10
-/// minutes by default), so at a steady rate the guard grows for that long before purges keep
-/// pace. The hash table is therefore reserved for the whole capacity at the first token (16
-/// bytes and a control byte per slot: 17 MiB for the default 500,000), so it never grows or
-/// rehashes under the lock while requests wait; what still grows with the live tokens is the
-/// expiry index, ~30 bytes each. (The first version kept 16-byte ids in a growing map and a
-/// second copy in the index, ~80 bytes per token: at the load harness's 930 Mailgun requests/s
-/// that was the server's RSS rising ~6 MiB a minute.)
+/// Memory is flat: one hash table of `(id, expiry)` reserved for the whole capacity at the first
+/// token (16 bytes and a control byte per slot: 17 MiB for the default 500,000), never grown
+/// nor rehashed under the lock, and nothing else per token. Expired entries are not purged one
+/// by one: a token found expired is reused in place, and when the table holds `capacity`
+/// entries one sweep drops every expired entry before anything is refused (at most one sweep a
+/// second, so a guard full of live tokens does not sweep for every refused request). (The first
+/// version also kept every token in an expiry-ordered `BTreeSet`: ~80 bytes per token, growing
+/// for the whole 10-minute tolerance; at the load harness's ~1,000 Mailgun requests/s that was
+/// the server's RSS rising ~6 MiB a minute.)
 pub struct MemoryReplayGuard {
     capacity: usize,
     state: Mutex<ReplayState>,
@@ -134,11 +135,15 @@ pub struct MemoryReplayGuard {
 
 #[derive(Default)]
 struct ReplayState {
-    /// Token id → when it expires (ms). Empty with no memory until the first token.
+    /// Token id → when it expires (ms), expired entries included until a sweep. Empty with no
+    /// memory until the first token.
     expires: HashMap<u64, i64, BuildHasherDefault<IdHasher>>,
-    /// The same entries ordered by expiry, to purge the expired ones cheaply.
-    by_expiry: BTreeSet<(i64, u64)>,
+    /// When the last sweep ran (ms), to sweep at most once per [`SWEEP_INTERVAL_MS`].
+    swept_at_ms: Option<i64>,
 }
+
+/// A full guard sweeps its expired entries at most this often.
+const SWEEP_INTERVAL_MS: i64 = 1_000;
 
 /// The ids are already uniform (a SHA-256 prefix), so the table uses them as their own hash.
 #[derive(Default)]
@@ -171,12 +176,21 @@ impl MemoryReplayGuard {
         }
     }
 
+    /// Entries held: live tokens, and expired ones not yet swept.
     pub fn len(&self) -> usize {
         self.state.lock().map(|s| s.expires.len()).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Tokens still live at `now_ms` (expired entries awaiting a sweep are not counted).
+    pub fn live(&self, now_ms: i64) -> usize {
+        self.state
+            .lock()
+            .map(|s| s.expires.values().filter(|&&exp| exp > now_ms).count())
+            .unwrap_or(0)
     }
 
     /// Entries the hash table holds without growing (0 before the first token).
@@ -219,33 +233,37 @@ impl ReplayGuard for MemoryReplayGuard {
             .state
             .lock()
             .map_err(|_| ReplayGuardError::Unavailable("replay cache lock poisoned".into()))?;
-        while let Some(&(exp, k)) = st.by_expiry.first() {
-            if exp > now_ms {
-                break;
+        if let Some(exp) = st.expires.get_mut(&id) {
+            if *exp > now_ms {
+                return Ok(false);
             }
-            st.by_expiry.pop_first();
-            st.expires.remove(&k);
-        }
-        if st.expires.contains_key(&id) {
-            return Ok(false);
+            // Seen before, but expired: this is a first use again, in the same slot.
+            *exp = expires_at_ms;
+            return Ok(true);
         }
         if st.expires.len() >= self.capacity {
-            return Err(ReplayGuardError::Full(st.expires.len()));
+            let due = st
+                .swept_at_ms
+                .is_none_or(|at| now_ms.saturating_sub(at) >= SWEEP_INTERVAL_MS);
+            if due {
+                st.swept_at_ms = Some(now_ms);
+                st.expires.retain(|_, exp| *exp > now_ms);
+            }
+            if st.expires.len() >= self.capacity {
+                return Err(ReplayGuardError::Full(st.expires.len()));
+            }
         }
         if st.expires.capacity() == 0 {
             st.expires.reserve(self.capacity);
         }
         st.expires.insert(id, expires_at_ms);
-        st.by_expiry.insert((expires_at_ms, id));
         Ok(true)
     }
 
     async fn release(&self, scope: &str, token: &str) {
         let id = memory_id(scope, token);
         if let Ok(mut st) = self.state.lock() {
-            if let Some(exp) = st.expires.remove(&id) {
-                st.by_expiry.remove(&(exp, id));
-            }
+            st.expires.remove(&id);
         }
     }
 }
@@ -571,9 +589,9 @@ mod tests {
             g.first_use("mailgun", "b", 999, 5_000).await,
             Err(ReplayGuardError::Full(2))
         );
-        // Once expired, the entries are purged and the token is usable again.
+        // Once expired, the token is usable again and the other no longer counts.
         assert_eq!(g.first_use("mailgun", "a", 1_000, 9_000).await, Ok(true));
-        assert_eq!(g.len(), 1);
+        assert_eq!(g.live(1_000), 1);
         assert_eq!(g.first_use("mailgun", "a", 8_999, 9_000).await, Ok(false));
     }
 }
@@ -600,7 +618,7 @@ mod replay_tests {
             "given back after a 503"
         );
         assert!(g.first_use("mailgun", "t2", 2000, 3000).await.unwrap());
-        assert_eq!(g.len(), 1, "expired entries are purged");
+        assert_eq!(g.live(2000), 1, "expired entries do not count");
     }
 
     #[tokio::test]
@@ -616,7 +634,7 @@ mod replay_tests {
                 .await
                 .unwrap());
         }
-        assert_eq!(g.len(), 5_000);
+        assert_eq!(g.live(0), 5_000);
         assert_eq!(g.reserved(), reserved, "full, and never rehashed");
         assert!(matches!(
             g.first_use("mailgun", "one more", 0, 1_000).await,
@@ -625,7 +643,7 @@ mod replay_tests {
         // Expired, all purged at once; the table is not grown (its reported capacity may dip
         // while erased slots are marked deleted, never rise).
         assert!(g.first_use("mailgun", "t0", 1_000, 2_000).await.unwrap());
-        assert_eq!(g.len(), 1);
+        assert_eq!(g.live(1_000), 1);
         for i in 1..5_000 {
             assert!(g
                 .first_use("mailgun", &format!("t{i}"), 1_000, 2_000)
@@ -633,5 +651,29 @@ mod replay_tests {
                 .unwrap());
         }
         assert!(g.reserved() <= reserved, "{} > {reserved}", g.reserved());
+    }
+
+    #[tokio::test]
+    async fn a_full_guard_sweeps_its_expired_tokens_at_most_once_a_second() {
+        let g = MemoryReplayGuard::new(3);
+        for t in ["a", "b"] {
+            assert!(g.first_use("mailgun", t, 0, 100).await.unwrap());
+        }
+        assert!(g.first_use("mailgun", "c", 0, 5_000).await.unwrap());
+        // Full of live tokens: the sweep at 50 frees nothing.
+        assert_eq!(
+            g.first_use("mailgun", "d", 50, 5_000).await,
+            Err(ReplayGuardError::Full(3))
+        );
+        // a and b have expired, but the last sweep was under a second ago: still refused.
+        assert_eq!(
+            g.first_use("mailgun", "d", 500, 5_000).await,
+            Err(ReplayGuardError::Full(3))
+        );
+        // A second later the sweep drops both; c, still live, stays a replay.
+        assert!(g.first_use("mailgun", "d", 1_050, 5_000).await.unwrap());
+        assert!(g.first_use("mailgun", "e", 1_050, 5_000).await.unwrap());
+        assert!(!g.first_use("mailgun", "c", 1_050, 5_000).await.unwrap());
+        assert_eq!(g.live(1_050), 3);
     }
 }
