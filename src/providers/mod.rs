@@ -80,7 +80,7 @@ impl std::fmt::Debug for ProviderSettings {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ReplayGuardError {
     #[error(
-        "replay cache is full ({0} live tokens): raise replay_cache_entries (about sustained \
+        "replay cache is full ({0} tokens held): raise replay_cache_entries (about sustained \
          Mailgun requests/s × timestamp_tolerance_secs) or lower timestamp_tolerance_secs"
     )]
     Full(usize),
