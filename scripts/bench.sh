@@ -21,7 +21,8 @@
 # joins; default 5), KAFKA_PERF_SECS (ProducerPerformance's measured part, default 20 s; QUICK
 # 5), CQL_NODES (default 127.0.0.1:9042). It starts its own Kafka node (own folder, free ports;
 # never the shared one on 9092), a fresh CQL keyspace and topic namespaces, and removes all three
-# when it ends, also on failure. Two full runs took 283 s and 357 s with KAFKA_SETTLE=20 (the
+# when it ends, also on failure. With no CQL node answering on the default 127.0.0.1:9042 it
+# starts the project's Cassandra (scripts/cassandra.sh) for the phase and stops it after. Two full runs took 283 s and 357 s with KAFKA_SETTLE=20 (the
 # projections fell behind in most phases; every wait is bounded, their sum is what makes it
 # long); 10 s saves up to a minute of that.
 #
@@ -192,7 +193,7 @@ cluster_phase() {
   NS="bench${stamp}."        # our topics and consumer groups
   PERF_NS="perf${stamp}."    # ProducerPerformance's copy of the envelopes topic
   KS="xsbench_${stamp}"
-  SPID=""; KS_CREATED=""
+  SPID=""; KS_CREATED=""; CQL_STARTED=""
   cleanup() {
     local rc=$?
     set +e
@@ -205,6 +206,7 @@ cluster_phase() {
     if [[ -n "$KS_CREATED" ]]; then
       cql_drop_keyspace "$KS" || echo "could not drop CQL keyspace $KS" >&2
     fi
+    if [[ -n "$CQL_STARTED" ]]; then scripts/cassandra.sh stop; fi
     rm -rf "$KDIR"
     echo "cluster phase: stopped and removed what it started, $((SECONDS - began)) s after it began (exit $rc)"
   }
@@ -212,6 +214,13 @@ cluster_phase() {
   trap 'exit 130' INT TERM
   echo "== cluster phase: private Kafka node ($KDIR, 127.0.0.1:$KPORT), CQL keyspace $KS on $CQL_NODES"
   echo "load average at cluster start: $(cut -d' ' -f1-3 /proc/loadavg)" | tee "$OUT/kafka-machine.txt"
+  # No CQL node answering on the default address (a fresh machine, or none left running by
+  # the tests): start the project's own for this phase, before Kafka, and stop it at the end.
+  if [[ $CQL_NODES == 127.0.0.1:9042 ]] && ! scripts/cassandra.sh status >/dev/null 2>&1; then
+    echo "== no CQL node on $CQL_NODES: starting Cassandra for the cluster phase"
+    CQL_STARTED=1
+    scripts/cassandra.sh start
+  fi
   scripts/kafka.sh start --dir "$KDIR/node" --port "$KPORT" --controller-port "$KCPORT"
   KPID=$(cat "$KDIR/node/pid")
   local kafka=(--kafka-brokers "127.0.0.1:$KPORT" --kafka-topology topology/local.toml)
