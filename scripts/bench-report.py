@@ -296,7 +296,7 @@ def kafka_tables(k, perf, embedded, machine_txt, low=None, criterion=None):
             f"own bodies so they compress like ours; producer settings as `src/log/kafka/mod.rs` "
             f"`producer()`: `{' '.join(perf['producer_props'])}`; random keys over the 12 partitions of a "
             f"copy of the envelopes topic. {perf['records']:,} records, the first {perf['warmup_records']:,} "
-            f"as warm-up, after a {perf['probe']['records']:,}-record JVM warm-up run; `serve` stopped.\n"
+            f"as warm-up, after a {perf['probe']['records']:,}-record JVM warm-up run; before `serve` started (the machine Kafka's and its producer's alone).\n"
         )
         lines.append("| records/s | MB/s | = SendGrid events/s | avg latency | p99 latency | broker cores | producer cores | whole machine cores | rest of the machine |")
         lines.append("|---|---|---|---|---|---|---|---|---|")
