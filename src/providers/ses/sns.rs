@@ -224,6 +224,25 @@ impl<'a> Scanned<'a> {
     }
 }
 
+/// A visitor's `bool` and number methods, each answering `$value`: the scans below only need
+/// to know that a value is not the string or object they read.
+macro_rules! visit_numbers_and_bools_as {
+    ($ty:ty, $value:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<$ty, E> {
+            Ok($value)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<$ty, E> {
+            Ok($value)
+        }
+    };
+}
+
 impl<'de> serde::Deserialize<'de> for Field<'de> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct V;
@@ -244,18 +263,7 @@ impl<'de> serde::Deserialize<'de> for Field<'de> {
             fn visit_unit<E>(self) -> Result<Field<'de>, E> {
                 Ok(Field::Null)
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Field<'de>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Field<'de>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Field<'de>, E> {
-                Ok(Field::Other)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Field<'de>, E> {
-                Ok(Field::Other)
-            }
+            visit_numbers_and_bools_as!(Field<'de>, Field::Other);
             fn visit_seq<A: serde::de::SeqAccess<'de>>(self, a: A) -> Result<Field<'de>, A::Error> {
                 serde::de::IgnoredAny.visit_seq(a).map(|_| Field::Other)
             }
@@ -322,18 +330,7 @@ impl<'de> serde::Deserialize<'de> for Scanned<'de> {
             fn visit_unit<E>(self) -> Result<Scanned<'de>, E> {
                 Ok(Scanned::NotObject)
             }
-            fn visit_bool<E>(self, _: bool) -> Result<Scanned<'de>, E> {
-                Ok(Scanned::NotObject)
-            }
-            fn visit_i64<E>(self, _: i64) -> Result<Scanned<'de>, E> {
-                Ok(Scanned::NotObject)
-            }
-            fn visit_u64<E>(self, _: u64) -> Result<Scanned<'de>, E> {
-                Ok(Scanned::NotObject)
-            }
-            fn visit_f64<E>(self, _: f64) -> Result<Scanned<'de>, E> {
-                Ok(Scanned::NotObject)
-            }
+            visit_numbers_and_bools_as!(Scanned<'de>, Scanned::NotObject);
         }
         d.deserialize_any(V)
     }
