@@ -22,9 +22,9 @@
 # 5), CQL_NODES (default 127.0.0.1:9042). It starts its own Kafka node (own folder, free ports;
 # never the shared one on 9092), a fresh CQL keyspace and topic namespaces, and removes all three
 # when it ends, also on failure. With no CQL node answering on the default 127.0.0.1:9042 it
-# starts the project's Cassandra (scripts/cassandra.sh) for the phase and stops it after. Two full runs took 283 s and 357 s with KAFKA_SETTLE=20 (the
-# projections fell behind in most phases; every wait is bounded, their sum is what makes it
-# long); 10 s saves up to a minute of that.
+# starts the project's Cassandra (scripts/cassandra.sh) for the phase and stops it after. Two
+# full runs took 283 s and 357 s with KAFKA_SETTLE=20 (the projections fell behind in most
+# phases; every wait is bounded, their sum is what makes it long); 10 s saves up to a minute.
 #
 # All traffic goes to 127.0.0.1 and every phase is bounded in time.
 set -euo pipefail
@@ -235,7 +235,7 @@ cluster_phase() {
     | grep '^{' | tee "$OUT/kafka-payloads.json"
   # The raw log's rate first, before `serve` exists: the machine is Kafka's and its producer's
   # alone. (Measured after the load, it shared the cores with Cassandra compacting what the
-  # projector had written: 0.74 cores of "rest of the machine" in the 17:14 UTC run.)
+  # projector had written: 0.74 cores of "rest of the machine" in the 16:55 UTC run.)
   echo "== ProducerPerformance on the same node: records the size of SendGrid-100 envelopes, settings of our producer"
   producer_perf 2>&1 | tee "$OUT/kafka-perf.txt"
   cat >"$KDIR/serve.toml" <<TOML
