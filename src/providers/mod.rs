@@ -114,7 +114,7 @@ pub trait ReplayGuard: Send + Sync + 'static {
 }
 
 /// A bounded in-memory [`ReplayGuard`] for the embedded (single-process) deployment. Entries
-/// are 64-bit hashes of `(scope, token)`, dropped once expired. When full of live entries it
+/// are 64-bit hashes of `(scope, token)`, reusable once expired. When full of live entries it
 /// refuses ([`ReplayGuardError::Full`], a 503 the ESP retries) rather than evicting a live
 /// token, which would silently reopen a replay. A restart forgets everything; the timestamp
 /// tolerance still bounds replays to that window.
@@ -640,8 +640,8 @@ mod replay_tests {
             g.first_use("mailgun", "one more", 0, 1_000).await,
             Err(ReplayGuardError::Full(5_000))
         ));
-        // Expired, all purged at once; the table is not grown (its reported capacity may dip
-        // while erased slots are marked deleted, never rise).
+        // Expired, every token is taken again in its own slot; the table is not grown (its
+        // reported capacity may dip while erased slots are marked deleted, never rise).
         assert!(g.first_use("mailgun", "t0", 1_000, 2_000).await.unwrap());
         assert_eq!(g.live(1_000), 1);
         for i in 1..5_000 {
