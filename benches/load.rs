@@ -1,10 +1,13 @@
 //! Load harness: drives `xsender-events serve` (a child process on the embedded default) and,
 //! in the same run, `examples/baseline_server` (a hyper handler that answers 200 at once: the
-//! HTTP limit) with signed webhook traffic over keep-alive HTTP/1.1 connections to 127.0.0.1.
+//! HTTP limit; and the same handler answering once the body is durable in a group-committed
+//! SQLite table: the embedded log's limit) with signed webhook traffic over keep-alive
+//! HTTP/1.1 connections to 127.0.0.1.
 //!
 //! Phases (each bounded in time and so in count):
 //! 1. per shape (SendGrid batches of 100, single Mailgun, single Mailjet): closed loop at
-//!    `--concurrency`, against the baseline and then the server: requests/s, events/s, latency;
+//!    `--concurrency`, against both baselines and then the server: requests/s, events/s,
+//!    latency;
 //! 2. the mix (`--mix`, by requests) closed loop: the server's peak;
 //! 3. the mix open loop at `--load-fraction` of that peak: latency measured from each request's
 //!    scheduled send time (no coordinated omission), and the delay until a sample of accepted
@@ -107,7 +110,7 @@ struct Args {
     /// Fill the log to this many events and time `xsender-events rebuild`; 0 skips it.
     #[arg(long, default_value_t = 0)]
     rebuild_events: u64,
-    /// Skip the baseline server.
+    /// Skip the baseline servers.
     #[arg(long)]
     no_baseline: bool,
     #[arg(long)]
@@ -935,51 +938,65 @@ async fn run(args: Args) {
     let shapes = [Shape::SendGrid(100), Shape::Mailgun, Shape::Mailjet];
     let secs = args.duration as f64;
 
-    // The HTTP limit, on the same request streams.
+    // The limits, on the same request streams: HTTP alone (`baseline`), and HTTP plus the
+    // durable group-commit append a 2xx promises on the embedded default, nothing else
+    // (`durable_baseline`: the embedded log's limit, as ProducerPerformance is Kafka's).
     if !args.no_baseline {
-        let bport = free_port();
         let bin = args.baseline_bin.clone().unwrap_or_else(|| {
             server_bin(&args)
                 .parent()
                 .unwrap()
                 .join("examples/baseline_server")
         });
-        let child = Child {
-            child: std::process::Command::new(&bin)
-                .arg(format!("127.0.0.1:{bport}"))
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "{}: {e} (cargo build --release --example baseline_server)",
-                        bin.display()
+        let durable_db = dir.join("durable-baseline.db");
+        for (name, durable) in [("baseline", false), ("durable_baseline", true)] {
+            let bport = free_port();
+            let mut cmd = std::process::Command::new(&bin);
+            cmd.arg(format!("127.0.0.1:{bport}"));
+            if durable {
+                cmd.arg("--durable").arg(&durable_db);
+            }
+            let child = Child {
+                child: cmd
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .unwrap_or_else(|e| {
+                        panic!(
+                            "{}: {e} (cargo build --release --example baseline_server)",
+                            bin.display()
+                        )
+                    }),
+            };
+            let b = Target {
+                name: name.into(),
+                addr: format!("127.0.0.1:{bport}"),
+                pid: Some(child.child.id()),
+                aux: Vec::new(),
+                probes: false,
+            };
+            wait_ready_any(&b.addr).await;
+            for s in shapes {
+                phases.push(
+                    run_phase(
+                        &traffic,
+                        &b,
+                        &s.name(),
+                        &[s],
+                        args.concurrency,
+                        secs,
+                        None,
+                        false,
                     )
-                }),
-        };
-        let b = Target {
-            name: "baseline".into(),
-            addr: format!("127.0.0.1:{bport}"),
-            pid: Some(child.child.id()),
-            aux: Vec::new(),
-            probes: false,
-        };
-        wait_ready_any(&b.addr).await;
-        for s in shapes {
-            phases.push(
-                run_phase(
-                    &traffic,
-                    &b,
-                    &s.name(),
-                    &[s],
-                    args.concurrency,
-                    secs,
-                    None,
-                    false,
-                )
-                .await,
-            );
+                    .await,
+                );
+            }
+            drop(child);
         }
-        drop(child);
+        for suffix in ["", "-wal", "-shm"] {
+            let mut f = durable_db.clone().into_os_string();
+            f.push(suffix);
+            let _ = std::fs::remove_file(f);
+        }
     }
 
     let child = match args.target.as_str() {

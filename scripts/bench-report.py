@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Prints the benchmark tables: criterion results (each hot path beside the primitives that
 bound it, measured in the same run) and, if given, the load harness's JSON (each figure beside
-the baseline HTTP handler's on the same request stream).
+the baseline HTTP handler's, and the durable-append baseline's, on the same request stream).
 
     scripts/bench-report.py [--criterion DIR] [--load FILE.json] [--rebuild-target-s 20]
         [--kafka-load FILE.json --kafka-perf FILE.json [--kafka-machine FILE.txt]]
@@ -114,15 +114,25 @@ def load_tables(r, rebuild_target):
     lines.append(f"### Load harness ({m.get('nproc')} CPUs, {m.get('cpu')}; generator on the same machine)\n")
     phases = r["phases"]
     base = {p["phase"]: p for p in phases if p["target"] == "baseline"}
+    durable = {p["phase"]: p for p in phases if p["target"] == "durable_baseline"}
+
+    def share(p, of, bold=True):
+        """p's request rate as a share of the same phase on the baseline `of` ("" for itself)."""
+        b = of.get(p["phase"])
+        if p["target"] == "baseline" or b is None or b is p or not b["requests_per_s"]:
+            return ""
+        r = f"{p['requests_per_s'] / b['requests_per_s']:.0%}"
+        return f"**{r}**" if bold else r
+
     lines.append(
-        "| target | phase | req/s | events/s | vs baseline req/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | generator cores | whole machine cores |"
+        "| target | phase | req/s | events/s | vs baseline req/s | vs durable baseline req/s | p50 ms | p99 ms | p99.9 ms | errors | server cores | generator cores | whole machine cores |"
     )
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in phases:
-        b = base.get(p["phase"]) if p["target"] != "baseline" else None
-        vs = f"**{p['requests_per_s'] / b['requests_per_s']:.0%}**" if b and b["requests_per_s"] else ""
+        vs = share(p, base)
+        vs_durable = share(p, durable, bold=False)
         lines.append(
-            f"| {p['target']} | {p['phase']} | {p['requests_per_s']:.0f} | {p['events_per_s']:.0f} | {vs} | "
+            f"| {p['target']} | {p['phase']} | {p['requests_per_s']:.0f} | {p['events_per_s']:.0f} | {vs} | {vs_durable} | "
             f"{p['p50_ms']:.2f} | {p['p99_ms']:.2f} | {p['p999_ms']:.2f} | {p['errors']} | "
             f"{p['server_cores']:.2f} | {p['client_cores']:.2f} | "
             + (f"{p['machine_cores']:.2f} |" if "machine_cores" in p else " |")
@@ -173,10 +183,11 @@ def before_after(before, after):
     lines = ["### Before / after (older binary, then this build, back to back)\n",
              "| phase | before req/s | after req/s | after ÷ before | p99 before → after (ms) |",
              "|---|---|---|---|---|"]
-    b = {p["phase"]: p for p in before["phases"] if p["target"] != "baseline"}
+    baselines = ("baseline", "durable_baseline")
+    b = {p["phase"]: p for p in before["phases"] if p["target"] not in baselines}
     for p in after["phases"]:
         q = b.get(p["phase"])
-        if p["target"] == "baseline" or not q or not q["requests_per_s"]:
+        if p["target"] in baselines or not q or not q["requests_per_s"]:
             continue
         lines.append(
             f"| {p['phase']} | {q['requests_per_s']:.0f} | {p['requests_per_s']:.0f} | "
