@@ -768,6 +768,81 @@ impl Drop for Child {
     }
 }
 
+/// The baseline handler (`examples/baseline_server`) on each shape, closed loop: the HTTP
+/// limit, or with `durable` HTTP plus the durable group-commit append a 2xx promises on the
+/// embedded default, nothing else (`durable_baseline`: the embedded log's limit, as
+/// ProducerPerformance is Kafka's).
+async fn run_baseline(
+    args: &Args,
+    traffic: &Arc<Traffic>,
+    shapes: &[Shape],
+    dir: &Path,
+    durable: bool,
+) -> Vec<PhaseResult> {
+    let bin = args.baseline_bin.clone().unwrap_or_else(|| {
+        server_bin(args)
+            .parent()
+            .unwrap()
+            .join("examples/baseline_server")
+    });
+    let durable_db = dir.join("durable-baseline.db");
+    let bport = free_port();
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.arg(format!("127.0.0.1:{bport}"));
+    if durable {
+        // Whatever an earlier phase wrote is on disk first.
+        settle_disk();
+        cmd.arg("--durable").arg(&durable_db);
+    }
+    let child = Child {
+        child: cmd
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{}: {e} (cargo build --release --example baseline_server)",
+                    bin.display()
+                )
+            }),
+    };
+    let b = Target {
+        name: if durable {
+            "durable_baseline"
+        } else {
+            "baseline"
+        }
+        .into(),
+        addr: format!("127.0.0.1:{bport}"),
+        pid: Some(child.child.id()),
+        aux: Vec::new(),
+        probes: false,
+    };
+    wait_ready_any(&b.addr).await;
+    let mut phases = Vec::new();
+    for &s in shapes {
+        phases.push(
+            run_phase(
+                traffic,
+                &b,
+                &s.name(),
+                &[s],
+                args.concurrency,
+                args.duration as f64,
+                None,
+                false,
+            )
+            .await,
+        );
+    }
+    drop(child);
+    for suffix in ["", "-wal", "-shm"] {
+        let mut f = durable_db.clone().into_os_string();
+        f.push(suffix);
+        let _ = std::fs::remove_file(f);
+    }
+    phases
+}
+
 /// `sync`, then waits (at most 20 s) until the kernel holds less than 32 MiB of dirty or
 /// in-flight pages: what one phase wrote is on disk before the next phase starts.
 fn settle_disk() {
@@ -956,71 +1031,10 @@ async fn run(args: Args) {
     let shapes = [Shape::SendGrid(100), Shape::Mailgun, Shape::Mailjet];
     let secs = args.duration as f64;
 
-    // The limits, on the same request streams: HTTP alone (`baseline`), and HTTP plus the
-    // durable group-commit append a 2xx promises on the embedded default, nothing else
-    // (`durable_baseline`: the embedded log's limit, as ProducerPerformance is Kafka's).
+    // The HTTP limit, on the same request streams (the durable-append limit runs last: it
+    // writes gigabytes, which the disk would still be busy with during the server's phases).
     if !args.no_baseline {
-        let bin = args.baseline_bin.clone().unwrap_or_else(|| {
-            server_bin(&args)
-                .parent()
-                .unwrap()
-                .join("examples/baseline_server")
-        });
-        let durable_db = dir.join("durable-baseline.db");
-        for (name, durable) in [("baseline", false), ("durable_baseline", true)] {
-            let bport = free_port();
-            let mut cmd = std::process::Command::new(&bin);
-            cmd.arg(format!("127.0.0.1:{bport}"));
-            if durable {
-                cmd.arg("--durable").arg(&durable_db);
-            }
-            let child = Child {
-                child: cmd
-                    .stderr(std::process::Stdio::null())
-                    .spawn()
-                    .unwrap_or_else(|e| {
-                        panic!(
-                            "{}: {e} (cargo build --release --example baseline_server)",
-                            bin.display()
-                        )
-                    }),
-            };
-            let b = Target {
-                name: name.into(),
-                addr: format!("127.0.0.1:{bport}"),
-                pid: Some(child.child.id()),
-                aux: Vec::new(),
-                probes: false,
-            };
-            wait_ready_any(&b.addr).await;
-            for s in shapes {
-                phases.push(
-                    run_phase(
-                        &traffic,
-                        &b,
-                        &s.name(),
-                        &[s],
-                        args.concurrency,
-                        secs,
-                        None,
-                        false,
-                    )
-                    .await,
-                );
-            }
-            drop(child);
-        }
-        // The durable baseline leaves a gigabyte or more written: flushed and deleted before
-        // the server starts, or its writeback (and the disk's discard of the deleted blocks)
-        // would weigh on the server's first phases (12-04 19:09 run: SendGrid-100 142k events/s
-        // and Mailjet 14.8k req/s right after it, 150k+ and 19k+ in every run without it).
-        settle_disk();
-        for suffix in ["", "-wal", "-shm"] {
-            let mut f = durable_db.clone().into_os_string();
-            f.push(suffix);
-            let _ = std::fs::remove_file(f);
-        }
-        settle_disk();
+        phases.extend(run_baseline(&args, &traffic, &shapes, &dir, false).await);
     }
 
     let child = match args.target.as_str() {
@@ -1152,6 +1166,10 @@ async fn run(args: Args) {
         wait_ready(&rserver.addr).await;
         let rtraffic = Arc::new(Traffic::new(rserver.addr.clone()));
         rebuild = Some(fill_and_rebuild(&args, &rtraffic, &rserver, &rdir, Some(child)).await);
+    }
+
+    if !args.no_baseline {
+        phases.extend(run_baseline(&args, &traffic, &shapes, &dir, true).await);
     }
 
     let report = Report {
