@@ -30,7 +30,8 @@ pub struct ServeConfig {
     /// Mailgun tokens the embedded replay guard remembers at once (each for as long as its
     /// timestamp is acceptable): at least sustained Mailgun requests/s ×
     /// `timestamp_tolerance_secs`, or Mailgun gets 503s saying the cache is full. Reserved at
-    /// the first Mailgun request, ~34 bytes each (17 MiB for the default 500,000). With
+    /// the first Mailgun request, 20 to 39 bytes each (its slots are a power of two: 17 MiB for
+    /// the default 700,000 as for 500,000 to 917,000). With
     /// `projection_store = "cql"` tokens live in the keyspace instead and this is unused.
     pub replay_cache_entries: usize,
     /// How long a webhook waits for its envelope to be durable before it gets 503.
@@ -212,12 +213,12 @@ impl ServeConfig {
         if self.append_timeout_ms == 0 {
             return bad("append_timeout_ms must be at least 1");
         }
-        // 1 to 100 million: the table is reserved whole (~34 bytes an entry), so a stray digit
+        // 1 to 100 million: the table is reserved whole (up to 39 bytes an entry), so a stray digit
         // would take gigabytes at the first Mailgun request.
         if !(1..=100_000_000).contains(&self.replay_cache_entries) {
             return bad(
                 "replay_cache_entries must be 1 to 100000000 (about sustained Mailgun requests/s \
-                 × timestamp_tolerance_secs; ~34 bytes each)",
+                 × timestamp_tolerance_secs; up to 39 bytes each)",
             );
         }
         if let Some(t) = &self.admin_token {
